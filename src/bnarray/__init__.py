@@ -1,0 +1,20 @@
+"""Batch normalization written once against the Python array API standard."""
+
+from ._core import (
+    BatchNormContext,
+    batch_norm_backward,
+    batch_norm_forward,
+    update_running_stats,
+)
+from ._layer import BatchNorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "BatchNormContext",
+    "__version__",
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "update_running_stats",
+]

@@ -1,0 +1,34 @@
+"""The one module that imports array-api-compat."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from array_api_compat import (
+    array_namespace,
+    device,
+    is_array_api_obj,
+    is_cupy_namespace,
+    is_numpy_namespace,
+)
+
+__all__ = [
+    "Array",
+    "Device",
+    "array_namespace",
+    "device",
+    "is_array_api_obj",
+    "is_cupy_namespace",
+    "is_numpy_namespace",
+    "Namespace",
+]
+
+Array = Any
+"""Any array that `array_api_compat.array_namespace` accepts."""
+
+Device = Any
+"""A device object of some array library."""
+
+Namespace = ModuleType
+"""An array API namespace, as returned by `array_api_compat.array_namespace`."""

@@ -1,0 +1,436 @@
+"""Functional batch normalization: forward, backward and the running-statistics update."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import _math
+from ._compat import Array, Namespace
+from ._fast import kernels_for
+from ._validation import (
+    check_channel_array,
+    check_eps,
+    check_momentum,
+    check_num_batches_tracked,
+    check_x,
+    namespace_of,
+    normalize_axis,
+    reduce_count,
+)
+
+__all__ = [
+    "BatchNormContext",
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "update_running_stats",
+]
+
+
+@dataclass(frozen=True, eq=False)
+class BatchNormContext:
+    """What :func:`batch_norm_backward` and :func:`update_running_stats` need
+    from a forward pass.
+
+    Returned by :func:`batch_norm_forward`; treat it as opaque to pass along,
+    but its attributes are public and stable.
+
+    Attributes
+    ----------
+    x : array
+        The forward input (a reference, not a copy).
+    weight : array or None
+        The scale γ used, or None for no affine transform.
+    mean, var : array
+        Per-channel statistics used to normalize, with the shape of the kept
+        axes: in training the batch mean and the *biased* batch variance, in
+        inference the running statistics. Float32 for 16-bit `x`.
+    invstd : array
+        ``1 / sqrt(var + eps)``.
+    count : int
+        Number of elements per channel that were reduced over (m).
+    axis : tuple of int
+        The kept (channel) axes, non-negative and sorted.
+    training : bool
+        Whether batch statistics were used.
+    eps : float
+        The ε added to the variance.
+    """
+
+    x: Array
+    weight: Array | None
+    mean: Array
+    var: Array
+    invstd: Array
+    count: int
+    axis: tuple[int, ...]
+    training: bool
+    eps: float
+
+    @property
+    def reduce_axes(self) -> tuple[int, ...]:
+        """The axes the statistics are reduced over."""
+        return tuple(a for a in range(self.x.ndim) if a not in self.axis)
+
+    def __repr__(self) -> str:
+        shape = tuple(self.mean.shape)
+        return (
+            f"BatchNormContext(x_shape={tuple(self.x.shape)}, axis={self.axis}, "
+            f"channel_shape={shape}, count={self.count}, training={self.training}, "
+            f"eps={self.eps})"
+        )
+
+
+def _broadcast_shape(shape: tuple[int, ...], kept: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(n if a in kept else 1 for a, n in enumerate(shape))
+
+
+def _as_stat(a: Array | None, shape: tuple[int, ...], dtype: object, xp: Namespace) -> Array | None:
+    """A per-channel array in the broadcast shape and the compute dtype."""
+    if a is None:
+        return None
+    return xp.reshape(xp.astype(a, dtype, copy=False), shape)
+
+
+def batch_norm_forward(
+    x: Array,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    *,
+    axis: int | tuple[int, ...] = -1,
+    eps: float = 1e-5,
+    training: bool = True,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+) -> tuple[Array, BatchNormContext]:
+    r"""Normalize `x` per channel, then scale and shift.
+
+    .. math::
+
+        y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta
+
+    with, per channel, :math:`\mu` and the biased :math:`\sigma^2` of the batch
+    when `training` is True, and `running_mean`, `running_var` otherwise.
+
+    Parameters
+    ----------
+    x : array
+        Real floating array, at least 1-D.
+    weight, bias : array, optional
+        γ and β, with the shape of `x` along the kept axes (``x.shape[axis]``
+        for an int `axis`). None means γ = 1, β = 0.
+    axis : int or tuple of int, default -1
+        The channel axis (or axes) that keep their own statistics; the
+        statistics are reduced over all other axes. ``-1`` is the
+        B×W×H×C (NHWC) layout, ``1`` PyTorch's NCHW.
+    eps : float, default 1e-5
+        Added to the variance, as in PyTorch, cuDNN and Flax.
+    training : bool, default True
+        True: normalize with the batch's statistics (``running_*`` must be
+        None; update them with :func:`update_running_stats`). False: normalize
+        with `running_mean` and `running_var`, which are then required.
+    running_mean, running_var : array, optional
+        The running statistics for inference.
+
+    Returns
+    -------
+    y : array
+        Same shape, dtype, namespace and device as `x`.
+    ctx : BatchNormContext
+        For :func:`batch_norm_backward` and :func:`update_running_stats`.
+
+    Raises
+    ------
+    TypeError
+        A non-array or non-floating `x` or parameter; arrays of different
+        libraries.
+    ValueError
+        A bad `axis`, `eps` or parameter shape; arrays on different devices;
+        fewer than two values per channel in training; running statistics
+        missing in inference or given in training.
+
+    Notes
+    -----
+    Statistics of 16-bit floating inputs are accumulated in float32; the
+    variance is computed from deviations from the mean (two passes), never as
+    E[x²] − E[x]².
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import bnarray as bn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> y, ctx = bn.batch_norm_forward(x, eps=0.0)
+    >>> y
+    array([[-1., -1.],
+           [ 1.,  1.]])
+    >>> ctx.mean, ctx.var
+    (array([ 2., 20.]), array([  1., 100.]))
+    """
+    xp = namespace_of(
+        {
+            "x": x,
+            "weight": weight,
+            "bias": bias,
+            "running_mean": running_mean,
+            "running_var": running_var,
+        }
+    )
+    check_x(x, xp)
+    kept = normalize_axis(axis, x.ndim)
+    eps = check_eps(eps)
+    if not isinstance(training, bool):
+        msg = f"`training` must be a bool, got {type(training).__name__}: {training!r:.80}"
+        raise TypeError(msg)
+    channel_shape = tuple(x.shape[a] for a in kept)
+    for name, a in [
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ]:
+        check_channel_array(a, name, channel_shape, xp)
+    reduce_axes = tuple(a for a in range(x.ndim) if a not in kept)
+    count = reduce_count(tuple(x.shape), reduce_axes)
+    if count is None:
+        msg = f"`x` must have a known shape, got {tuple(x.shape)}"
+        raise ValueError(msg)
+
+    if training:
+        for name, a in [("running_mean", running_mean), ("running_var", running_var)]:
+            if a is not None:
+                msg = (
+                    f"`{name}` is not used when training=True (the batch's statistics "
+                    "are); update running statistics with `update_running_stats`, or "
+                    "pass training=False to normalize with them"
+                )
+                raise ValueError(msg)
+        if count < 2:
+            msg = (
+                "Expected more than 1 value per channel when training, got `x` of "
+                f"shape {tuple(x.shape)} with axis={axis!r} ({count} value(s) per "
+                "channel)"
+            )
+            raise ValueError(msg)
+    else:
+        for name, a in [("running_mean", running_mean), ("running_var", running_var)]:
+            if a is None:
+                msg = (
+                    f"`{name}` is required when training=False: inference normalizes "
+                    "with the running statistics"
+                )
+                raise ValueError(msg)
+
+    kernels = kernels_for(xp)
+    dtype = _math.compute_dtype(x.dtype, xp)
+    shape = _broadcast_shape(tuple(x.shape), kept)
+    if training:
+        mean, var = kernels.batch_stats(x, reduce_axes, xp=xp)
+    else:
+        mean = _as_stat(running_mean, shape, dtype, xp)
+        var = _as_stat(running_var, shape, dtype, xp)
+    invstd = 1.0 / xp.sqrt(var + eps)
+    gamma = _as_stat(weight, shape, dtype, xp)
+    scale = invstd if gamma is None else invstd * gamma
+    y = kernels.normalize(x, mean, scale, _as_stat(bias, shape, dtype, xp), xp=xp)
+    ctx = BatchNormContext(
+        x=x,
+        weight=weight,
+        mean=xp.reshape(mean, channel_shape),
+        var=xp.reshape(var, channel_shape),
+        invstd=xp.reshape(invstd, channel_shape),
+        count=count,
+        axis=kept,
+        training=training,
+        eps=eps,
+    )
+    return y, ctx
+
+
+def _check_ctx(ctx: object) -> BatchNormContext:
+    if not isinstance(ctx, BatchNormContext):
+        msg = (
+            "`ctx` must be the BatchNormContext returned by batch_norm_forward, got "
+            f"{type(ctx).__name__}: {ctx!r:.80}"
+        )
+        raise TypeError(msg)
+    return ctx
+
+
+def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array, Array]:
+    r"""Gradients of a loss with respect to `x`, γ and β, given its gradient `dy`.
+
+    In training mode (batch statistics, which depend on `x`), with
+    :math:`s = 1/\sqrt{\sigma^2+\epsilon}`, :math:`\hat x = (x-\mu)s` and
+    :math:`m` values per channel:
+
+    .. math::
+
+        \frac{\partial L}{\partial x} = \frac{\gamma s}{m}\Bigl(m\,dy
+            - \sum dy - \hat x \sum dy\,\hat x\Bigr), \quad
+        \frac{\partial L}{\partial \gamma} = \sum dy\,\hat x, \quad
+        \frac{\partial L}{\partial \beta} = \sum dy
+
+    In inference mode the running statistics are constants and
+    :math:`\partial L/\partial x = dy\,\gamma\,s`.
+
+    Parameters
+    ----------
+    dy : array
+        Gradient of the loss with respect to the forward output `y`: same
+        shape, dtype, namespace and device as the forward `x`.
+    ctx : BatchNormContext
+        The context returned by :func:`batch_norm_forward`.
+
+    Returns
+    -------
+    dx : array
+        Like `x`.
+    dweight, dbias : array
+        With the shape of the kept axes, in the weight's dtype (the compute
+        dtype when the forward had no weight). Returned also without affine
+        parameters: they are then the gradients for γ = 1, β = 0.
+
+    Raises
+    ------
+    TypeError
+        `ctx` is not a BatchNormContext; `dy` is not an array of `x`'s library
+        and dtype.
+    ValueError
+        `dy` has another shape or device than `x`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import bnarray as bn
+    >>> x = np.array([[1.0], [2.0], [4.0]])
+    >>> y, ctx = bn.batch_norm_forward(x)
+    >>> dx, dweight, dbias = bn.batch_norm_backward(np.ones_like(y), ctx)
+    >>> np.abs(dx).max() < 1e-12  # y's per-channel mean is fixed, so Σy has no x-gradient
+    np.True_
+    >>> dbias
+    array([3.])
+    """
+    ctx = _check_ctx(ctx)
+    x = ctx.x
+    xp = namespace_of({"dy": dy, "x": x})
+    check_x(dy, xp, name="dy")
+    if dy.dtype != x.dtype:
+        msg = f"`dy` must have the dtype of `x` ({x.dtype}), got {dy.dtype}"
+        raise TypeError(msg)
+    if tuple(dy.shape) != tuple(x.shape):
+        msg = f"`dy` must have the shape of `x` {tuple(x.shape)}, got {tuple(dy.shape)}"
+        raise ValueError(msg)
+
+    kernels = kernels_for(xp)
+    reduce_axes = ctx.reduce_axes
+    shape = _broadcast_shape(tuple(x.shape), ctx.axis)
+    dtype = ctx.mean.dtype
+    mean = xp.reshape(ctx.mean, shape)
+    invstd = xp.reshape(ctx.invstd, shape)
+    gamma = _as_stat(ctx.weight, shape, dtype, xp)
+    dy_scale = invstd if gamma is None else invstd * gamma
+
+    sum_dy, sum_dy_xc = kernels.grad_sums(dy, x, mean, reduce_axes, xp=xp)
+    dweight = sum_dy_xc * invstd
+    if ctx.training:
+        m = float(ctx.count)
+        xc_scale = -dy_scale * invstd * dweight / m
+        shift = -dy_scale * sum_dy / m
+        dx = kernels.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp)
+    else:
+        dx = kernels.grad_input(dy, x, mean, dy_scale, None, None, xp=xp)
+
+    param_dtype = dtype if ctx.weight is None else ctx.weight.dtype
+    channel_shape = tuple(ctx.mean.shape)
+
+    def as_param(a: Array) -> Array:
+        return xp.astype(xp.reshape(a, channel_shape), param_dtype, copy=False)
+
+    return dx, as_param(dweight), as_param(sum_dy)
+
+
+def update_running_stats(
+    running_mean: Array,
+    running_var: Array,
+    ctx: BatchNormContext,
+    *,
+    momentum: float | None = 0.1,
+    num_batches_tracked: int | None = None,
+) -> tuple[Array, Array]:
+    r"""New running statistics after a training batch (PyTorch and cuDNN convention).
+
+    .. math::
+
+        \hat\mu \leftarrow (1 - \alpha)\,\hat\mu + \alpha\,\mu_B, \qquad
+        \hat\sigma^2 \leftarrow (1 - \alpha)\,\hat\sigma^2
+            + \alpha\,\frac{m}{m - 1}\,\sigma_B^2
+
+    with :math:`\alpha` = `momentum`, or :math:`\alpha = 1/n` (`momentum` None,
+    a cumulative average over the :math:`n` = `num_batches_tracked` batches so
+    far). The running variance uses the unbiased batch variance.
+
+    Keras, Flax and Chainer call :math:`1 - \alpha` the "momentum" or "decay":
+    Keras ``momentum=0.99`` is ``momentum=0.01`` here. Their default ε also
+    differs (Keras 1e-3, Chainer 2e-5; PyTorch and Flax 1e-5).
+
+    Parameters
+    ----------
+    running_mean, running_var : array
+        The current running statistics, with the shape of the kept axes.
+        Not modified.
+    ctx : BatchNormContext
+        From a :func:`batch_norm_forward` call with ``training=True``.
+    momentum : float or None, default 0.1
+        Weight of the new batch, in [0, 1]; None for the cumulative average.
+    num_batches_tracked : int, optional
+        Number of batches seen including this one; required when `momentum`
+        is None.
+
+    Returns
+    -------
+    new_mean, new_var : array
+        New arrays in the dtype of the running statistics.
+
+    Raises
+    ------
+    TypeError
+        Non-array statistics, a `ctx` that is not a BatchNormContext, arrays of
+        different libraries, a non-number `momentum`.
+    ValueError
+        Shapes that do not match `ctx`, an inference `ctx`, `momentum` outside
+        [0, 1], a missing `num_batches_tracked` with ``momentum=None``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import bnarray as bn
+    >>> x = np.array([[1.0], [3.0]])
+    >>> _, ctx = bn.batch_norm_forward(x)
+    >>> bn.update_running_stats(np.zeros(1), np.ones(1), ctx, momentum=0.5)
+    (array([1.]), array([1.5]))
+    """
+    ctx = _check_ctx(ctx)
+    xp = namespace_of({"running_mean": running_mean, "running_var": running_var, "ctx": ctx.mean})
+    if running_var is None:
+        msg = "`running_var` must be an array, got None"
+        raise TypeError(msg)
+    if not ctx.training:
+        msg = (
+            "`ctx` comes from an inference forward pass (training=False); running "
+            "statistics are updated from training batches only"
+        )
+        raise ValueError(msg)
+    momentum = check_momentum(momentum)
+    n = check_num_batches_tracked(num_batches_tracked, required=momentum is None)
+    channel_shape = tuple(ctx.mean.shape)
+    check_channel_array(running_mean, "running_mean", channel_shape, xp)
+    check_channel_array(running_var, "running_var", channel_shape, xp)
+
+    factor = momentum if momentum is not None else 1.0 / n  # type: ignore[operator]
+    bessel = ctx.count / (ctx.count - 1)
+    batch_mean = xp.astype(ctx.mean, running_mean.dtype, copy=False)
+    batch_var = xp.astype(ctx.var, running_var.dtype, copy=False) * bessel
+    new_mean = (1.0 - factor) * running_mean + factor * batch_mean
+    new_var = (1.0 - factor) * running_var + factor * batch_var
+    return new_mean, new_var
+
