@@ -1,0 +1,137 @@
+"""Backends under test: the `backend` and `xp` fixtures, selected with ``--backends``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+__all__ = ["BACKENDS", "Backend", "BackendCase"]
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+def _strict_device1(lib: ModuleType, a: np.ndarray) -> Any:
+    return lib.asarray(a, device=lib.Device("device1"))
+
+
+def _strict_to_numpy(lib: ModuleType, a: Any) -> np.ndarray:
+    # np.asarray refuses arrays on the fake second device: move them back first.
+    return np.asarray(lib.asarray(a, device=lib.Device("CPU_DEVICE")))
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How to make test arrays for one library (and device).
+
+    `family` is the name ``--backends`` selects; `module` is imported lazily so
+    a session only needs the libraries it tests.
+    """
+
+    name: str
+    family: str
+    module: str
+    from_numpy: Callable[[ModuleType, np.ndarray], Any]
+    to_numpy: Callable[[ModuleType, Any], np.ndarray] = lambda lib, a: np.asarray(a)
+    has_float16: bool = True
+    setup: Callable[[ModuleType], None] = lambda lib: None
+    skip_reason: Callable[[ModuleType], str | None] = field(default=lambda lib: None)
+
+
+# One line per backend. The generic `xp` tests run on every backend selected by
+# ``--backends=family1,family2``.
+BACKENDS = [
+    Backend("numpy", "numpy", "numpy", lambda lib, a: a.copy()),
+    Backend("numpy_readonly", "numpy_readonly", "numpy", lambda lib, a: _readonly(a)),
+    Backend(
+        "array_api_strict",
+        "array_api_strict",
+        "array_api_strict",
+        lambda lib, a: lib.asarray(a),
+        _strict_to_numpy,
+        has_float16=False,
+    ),
+    Backend(
+        "array_api_strict_device1",
+        "array_api_strict",
+        "array_api_strict",
+        _strict_device1,
+        _strict_to_numpy,
+        has_float16=False,
+    ),
+]
+
+
+@dataclass
+class BackendCase:
+    """A selected backend, ready to make arrays: what the tests receive."""
+
+    backend: Backend
+    lib: ModuleType
+    xp: Any
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def asarray(self, a: Any, dtype: Any = None) -> Any:
+        """A copy of NumPy data (cast to NumPy `dtype` first) on this backend."""
+        a = np.asarray(a, dtype=dtype)
+        return self.backend.from_numpy(self.lib, a)
+
+    def to_numpy(self, a: Any) -> np.ndarray:
+        return self.backend.to_numpy(self.lib, a)
+
+    def dtype(self, name: str) -> Any:
+        return getattr(self.xp, name)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--backends",
+        default="numpy,numpy_readonly,array_api_strict",
+        help="comma-separated backend families for the `backend`/`xp` fixtures",
+    )
+
+
+def _selected(config: pytest.Config) -> list[Backend]:
+    families = [f.strip() for f in config.getoption("--backends").split(",") if f.strip()]
+    known = {b.family for b in BACKENDS}
+    unknown = sorted(set(families) - known)
+    if unknown:
+        msg = f"unknown --backends {unknown}; known: {sorted(known)}"
+        raise pytest.UsageError(msg)
+    return [b for b in BACKENDS if b.family in families]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        selected = _selected(metafunc.config)
+        metafunc.parametrize("backend", selected, ids=[b.name for b in selected], indirect=True)
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> BackendCase:
+    spec: Backend = request.param
+    lib = pytest.importorskip(spec.module)
+    reason = spec.skip_reason(lib)
+    if reason is not None:
+        pytest.skip(reason)
+    spec.setup(lib)
+    from array_api_compat import array_namespace
+
+    probe = spec.from_numpy(lib, np.zeros(1))
+    return BackendCase(spec, lib, array_namespace(probe))
+
+
+@pytest.fixture
+def xp(backend: BackendCase) -> Any:
+    return backend.xp
