@@ -37,16 +37,20 @@ def _upcast(a: Array, xp: Namespace) -> Array:
 def batch_stats(
     x: Array, reduce_axes: tuple[int, ...], *, xp: Namespace
 ) -> tuple[Array, Array]:
-    """Per-channel mean and biased variance, by two passes over `x`.
+    """Per-channel mean and biased variance, by the corrected two-pass algorithm.
 
-    The second pass sums squared deviations from the mean; E[x²] − E[x]² would
-    cancel catastrophically when the mean is large against the spread.
+    The second pass sums deviations from the first-pass mean: E[x²] − E[x]²
+    would cancel catastrophically when the mean is large against the spread.
+    The mean of the deviations, δ, corrects the rounding error of the first
+    pass (Chan, Golub & LeVeque 1983): mean = mean₀ + δ, var = mean(c²) − δ².
     """
     xc = _upcast(x, xp)
-    mean = xp.mean(xc, axis=reduce_axes, keepdims=True)
-    centered = xc - mean
-    var = xp.mean(centered * centered, axis=reduce_axes, keepdims=True)
-    return mean, var
+    mean0 = xp.mean(xc, axis=reduce_axes, keepdims=True)
+    centered = xc - mean0
+    delta = xp.mean(centered, axis=reduce_axes, keepdims=True)
+    var = xp.mean(centered * centered, axis=reduce_axes, keepdims=True) - delta * delta
+    # Rounding can leave a constant channel's variance a hair below zero.
+    return mean0 + delta, xp.maximum(var, xp.zeros_like(var))
 
 
 def normalize(
