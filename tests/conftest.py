@@ -90,8 +90,12 @@ class BackendCase:
     def to_numpy(self, a: Any) -> np.ndarray:
         return self.backend.to_numpy(self.lib, a)
 
-    def dtype(self, name: str) -> Any:
-        return getattr(self.xp, name)
+    @property
+    def device(self) -> Any:
+        """The device this backend's test arrays live on."""
+        from array_api_compat import device
+
+        return device(self.asarray(np.zeros(1)))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
