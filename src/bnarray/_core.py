@@ -204,11 +204,16 @@ def batch_norm_forward(
                     "pass training=False to normalize with them"
                 )
                 raise ValueError(msg)
-        if count < 2:
+        if count == 0:
+            msg = (
+                f"`x` of shape {tuple(x.shape)} is empty along the reduced axes: an "
+                "empty batch has no statistics to train with"
+            )
+            raise ValueError(msg)
+        if count == 1:
             msg = (
                 "Expected more than 1 value per channel when training, got `x` of "
-                f"shape {tuple(x.shape)} with axis={axis!r} ({count} value(s) per "
-                "channel)"
+                f"shape {tuple(x.shape)} with axis={axis!r}"
             )
             raise ValueError(msg)
     else:

@@ -1,0 +1,257 @@
+"""Bad input: a TypeError or ValueError naming the parameter and showing the bad value."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+import bnarray as bn
+
+
+def raises(exc, *fragments):
+    """pytest.raises whose message must contain every fragment (in any order)."""
+    pattern = "".join(f"(?=.*{re.escape(f)})" for f in fragments)
+    return pytest.raises(exc, match=re.compile(pattern, re.DOTALL))
+
+
+@pytest.fixture
+def x(backend):
+    return backend.asarray(np.random.default_rng(0).normal(size=(4, 3)))
+
+
+@pytest.fixture
+def ones3(backend):
+    return backend.asarray(np.ones(3))
+
+
+@pytest.mark.parametrize("bad", [[[1.0, 2.0], [3.0, 4.0]], 3.0, "x", None])
+def test_x_must_be_an_array(bad):
+    with raises(TypeError, "`x`", type(bad).__name__):
+        bn.batch_norm_forward(bad)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.bool_])
+def test_x_must_be_floating(backend, dtype):
+    with raises(TypeError, "`x`", "floating"):
+        bn.batch_norm_forward(backend.asarray(np.ones((4, 3)), dtype))
+
+
+def test_x_must_not_be_0d(backend):
+    with raises(ValueError, "`x`", "()"):
+        bn.batch_norm_forward(backend.asarray(np.float64(1.0)))
+
+
+@pytest.mark.parametrize("axis", [2, -3, (0, 2), (5,)])
+def test_axis_out_of_range(x, axis):
+    with raises(ValueError, "`axis`", repr(axis), "out of range"):
+        bn.batch_norm_forward(x, axis=axis)
+
+
+@pytest.mark.parametrize("axis", [(1, 1), (1, -1), (0, -2)])
+def test_axis_repeated(x, axis):
+    with raises(ValueError, "`axis`", repr(axis), "twice"):
+        bn.batch_norm_forward(x, axis=axis)
+
+
+@pytest.mark.parametrize("axis", [1.0, "1", [1], True, None])
+def test_axis_must_be_int_or_tuple(x, axis):
+    with raises(TypeError, "`axis`", repr(axis)):
+        bn.batch_norm_forward(x, axis=axis)
+
+
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_parameter_shape(backend, x, name):
+    with raises(ValueError, f"`{name}`", "(3,)", "(4,)"):
+        bn.batch_norm_forward(x, **{name: backend.asarray(np.ones(4))})
+
+
+@pytest.mark.parametrize("name", ["running_mean", "running_var"])
+def test_running_stat_shape(backend, x, ones3, name):
+    stats = {"running_mean": ones3, "running_var": ones3}
+    stats[name] = backend.asarray(np.ones((1, 3)))
+    with raises(ValueError, f"`{name}`", "(3,)", "(1, 3)"):
+        bn.batch_norm_forward(x, training=False, **stats)
+
+
+def test_parameter_must_be_floating(backend, x):
+    with raises(TypeError, "`weight`", "floating"):
+        bn.batch_norm_forward(x, backend.asarray(np.ones(3), np.int64))
+
+
+def test_parameter_must_be_an_array(x):
+    with raises(TypeError, "`bias`", "list"):
+        bn.batch_norm_forward(x, bias=[0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((1, 3), -1), ((5, 3), (0, 1)), ((1, 2, 1, 1), 1)])
+def test_one_value_per_channel_in_training(backend, shape, axis):
+    with raises(ValueError, "Expected more than 1 value per channel when training", str(shape)):
+        bn.batch_norm_forward(backend.asarray(np.ones(shape)), axis=axis)
+
+
+def test_empty_batch_in_training(backend):
+    with raises(ValueError, "`x`", "(0, 3)", "empty"):
+        bn.batch_norm_forward(backend.asarray(np.ones((0, 3))))
+
+
+@pytest.mark.parametrize("missing", ["running_mean", "running_var"])
+def test_inference_needs_running_stats(x, ones3, missing):
+    stats = {"running_mean": ones3, "running_var": ones3}
+    del stats[missing]
+    with raises(ValueError, f"`{missing}`", "training=False"):
+        bn.batch_norm_forward(x, training=False, **stats)
+
+
+def test_training_refuses_running_stats(x, ones3):
+    with raises(ValueError, "`running_mean`", "update_running_stats"):
+        bn.batch_norm_forward(x, running_mean=ones3, running_var=ones3)
+
+
+def test_training_flag_must_be_bool(x):
+    with raises(TypeError, "`training`", "'yes'"):
+        bn.batch_norm_forward(x, training="yes")
+
+
+@pytest.mark.parametrize("eps", [-1e-5, math.inf, -math.inf, math.nan])
+def test_eps_must_be_finite_and_non_negative(x, eps):
+    with raises(ValueError, "`eps`", repr(eps)):
+        bn.batch_norm_forward(x, eps=eps)
+
+
+@pytest.mark.parametrize("eps", ["1e-5", None, True, np.ones(1)])
+def test_eps_must_be_a_number(x, eps):
+    with raises(TypeError, "`eps`"):
+        bn.batch_norm_forward(x, eps=eps)
+
+
+def test_arrays_of_different_libraries():
+    xps = pytest.importorskip("array_api_strict")
+    x = np.ones((4, 3))
+    with raises(TypeError, "`weight`", "array_api_strict", "numpy"):
+        bn.batch_norm_forward(x, xps.ones(3, dtype=xps.float64))
+    with raises(TypeError, "`bias`", "numpy", "array_api_strict"):
+        bn.batch_norm_forward(xps.asarray(x), bias=np.zeros(3))
+
+
+def test_arrays_on_different_devices():
+    xps = pytest.importorskip("array_api_strict")
+    x = xps.ones((4, 3), dtype=xps.float64)
+    weight = xps.ones(3, dtype=xps.float64, device=xps.Device("device1"))
+    with raises(ValueError, "`weight`", "device1", "CPU_DEVICE"):
+        bn.batch_norm_forward(x, weight)
+    _, ctx = bn.batch_norm_forward(x)
+    with raises(ValueError, "`dy`", "device1"):
+        bn.batch_norm_backward(xps.ones((4, 3), dtype=xps.float64, device=xps.Device("device1")), ctx)
+
+
+class TestBackward:
+    def test_ctx_must_be_a_context(self, x):
+        with raises(TypeError, "`ctx`", "dict"):
+            bn.batch_norm_backward(x, {"mean": 0})
+
+    def test_dy_shape(self, backend, x):
+        _, ctx = bn.batch_norm_forward(x)
+        with raises(ValueError, "`dy`", "(4, 3)", "(3, 4)"):
+            bn.batch_norm_backward(backend.asarray(np.ones((3, 4))), ctx)
+
+    def test_dy_dtype(self, backend, x):
+        _, ctx = bn.batch_norm_forward(x)
+        with raises(TypeError, "`dy`", "float32"):
+            bn.batch_norm_backward(backend.asarray(np.ones((4, 3)), np.float32), ctx)
+
+    def test_dy_must_be_an_array(self, x):
+        _, ctx = bn.batch_norm_forward(x)
+        with raises(TypeError, "`dy`", "list"):
+            bn.batch_norm_backward([[1.0] * 3] * 4, ctx)
+
+
+class TestUpdateRunningStats:
+    @pytest.fixture
+    def ctx(self, x):
+        return bn.batch_norm_forward(x)[1]
+
+    @pytest.mark.parametrize("momentum", [-0.1, 1.5, math.nan, math.inf])
+    def test_momentum_range(self, ones3, ctx, momentum):
+        with raises(ValueError, "`momentum`", repr(momentum)):
+            bn.update_running_stats(ones3, ones3, ctx, momentum=momentum)
+
+    def test_momentum_type(self, ones3, ctx):
+        with raises(TypeError, "`momentum`", "'0.1'"):
+            bn.update_running_stats(ones3, ones3, ctx, momentum="0.1")
+
+    def test_cumulative_average_needs_batch_count(self, ones3, ctx):
+        with raises(ValueError, "`num_batches_tracked`", "momentum"):
+            bn.update_running_stats(ones3, ones3, ctx, momentum=None)
+        with raises(ValueError, "`num_batches_tracked`", "0"):
+            bn.update_running_stats(ones3, ones3, ctx, momentum=None, num_batches_tracked=0)
+        with raises(TypeError, "`num_batches_tracked`", "1.0"):
+            bn.update_running_stats(ones3, ones3, ctx, momentum=None, num_batches_tracked=1.0)
+
+    def test_inference_context(self, x, ones3):
+        _, ctx = bn.batch_norm_forward(x, training=False, running_mean=ones3, running_var=ones3)
+        with raises(ValueError, "`ctx`", "training=False"):
+            bn.update_running_stats(ones3, ones3, ctx)
+
+    def test_shapes(self, backend, ones3, ctx):
+        with raises(ValueError, "`running_var`", "(3,)", "(2,)"):
+            bn.update_running_stats(ones3, backend.asarray(np.ones(2)), ctx)
+
+    @pytest.mark.parametrize("name", ["running_mean", "running_var"])
+    def test_arrays_required(self, ones3, ctx, name):
+        stats = {"running_mean": ones3, "running_var": ones3, name: None}
+        with raises(TypeError, f"`{name}`"):
+            bn.update_running_stats(stats["running_mean"], stats["running_var"], ctx)
+
+    def test_ctx_type(self, ones3):
+        with raises(TypeError, "`ctx`"):
+            bn.update_running_stats(ones3, ones3, None)
+
+
+class TestLayer:
+    @pytest.mark.parametrize("num_features", [0, -2, (3, 0)])
+    def test_num_features_positive(self, num_features):
+        with raises(ValueError, "`num_features`", repr(num_features)):
+            bn.BatchNorm(num_features, axis=(1, 2) if isinstance(num_features, tuple) else 1)
+
+    @pytest.mark.parametrize("num_features", [3.0, "3", True])
+    def test_num_features_type(self, num_features):
+        with raises(TypeError, "`num_features`", repr(num_features)):
+            bn.BatchNorm(num_features)
+
+    def test_num_features_matches_axes(self):
+        with raises(ValueError, "`num_features`", "(1, 2)"):
+            bn.BatchNorm(3, axis=(1, 2))
+
+    def test_eps_and_momentum(self):
+        with raises(ValueError, "`eps`"):
+            bn.BatchNorm(3, eps=-1.0)
+        with raises(ValueError, "`momentum`", "2"):
+            bn.BatchNorm(3, momentum=2)
+
+    def test_dtype_must_be_floating(self):
+        with raises(TypeError, "`dtype`", "int64"):
+            bn.BatchNorm(3, dtype=np.int64)
+
+    def test_xp_must_be_an_array_library(self):
+        with raises(TypeError, "`xp`", "math"):
+            bn.BatchNorm(3, xp=math)
+
+    def test_flags_must_be_bool(self):
+        with raises(TypeError, "`affine`"):
+            bn.BatchNorm(3, affine=1)
+        with raises(TypeError, "`mode`"):
+            bn.BatchNorm(3).train("no")
+
+    def test_input_of_another_library(self):
+        xps = pytest.importorskip("array_api_strict")
+        layer = bn.BatchNorm(3)
+        with raises(TypeError, "`weight`", "numpy", "array_api_strict"):
+            layer(xps.ones((4, 3), dtype=xps.float64))
+        assert layer.num_batches_tracked == 0
+
+    def test_state_dict_must_be_a_mapping(self):
+        with raises(TypeError, "`state_dict`", "list"):
+            bn.BatchNorm(3).load_state_dict([])
