@@ -28,6 +28,44 @@ def _strict_to_numpy(lib: ModuleType, a: Any) -> np.ndarray:
     return np.asarray(lib.asarray(a, device=lib.Device("CPU_DEVICE")))
 
 
+def _torch_to_numpy(lib: ModuleType, a: Any) -> np.ndarray:
+    return a.detach().cpu().numpy()
+
+
+def _jax_setup(lib: ModuleType) -> None:
+    # Without x64, JAX silently turns every float64 request into float32.
+    lib.config.update("jax_enable_x64", True)
+
+
+def _jax_device1(lib: ModuleType, a: np.ndarray) -> Any:
+    return lib.device_put(lib.numpy.asarray(a), lib.devices()[1])
+
+
+def _jax_device1_skip(lib: ModuleType) -> str | None:
+    if len(lib.devices()) < 2:
+        return (
+            "JAX has one device; set XLA_FLAGS=--xla_force_host_platform_device_count=2 "
+            "(as `nox -s tests-jax` does) to test a second one"
+        )
+    return None
+
+
+def _dask_from_numpy(lib: ModuleType, a: np.ndarray) -> Any:
+    # Two chunks along every axis, so that reductions combine partial results.
+    return lib.from_array(a.copy(), chunks=tuple(max(1, (n + 1) // 2) for n in a.shape))
+
+
+def _dask_to_numpy(lib: ModuleType, a: Any) -> np.ndarray:
+    return np.asarray(a.compute())
+
+
+def _cupy_skip(lib: ModuleType) -> str | None:
+    # CuPy wheels import without a GPU; only array creation fails (CUDARuntimeError).
+    if not lib.is_available():
+        return "CuPy is installed but no CUDA GPU is usable here (cupy.is_available() is False)"
+    return None
+
+
 @dataclass(frozen=True)
 class Backend:
     """How to make test arrays for one library (and device).
@@ -66,6 +104,25 @@ BACKENDS = [
         _strict_device1,
         _strict_to_numpy,
         has_float16=False,
+    ),
+    Backend("torch", "torch", "torch", lambda lib, a: lib.tensor(a), _torch_to_numpy),
+    Backend("jax", "jax", "jax", lambda lib, a: lib.numpy.asarray(a), setup=_jax_setup),
+    Backend(
+        "jax_cpu1",
+        "jax",
+        "jax",
+        _jax_device1,
+        setup=_jax_setup,
+        skip_reason=_jax_device1_skip,
+    ),
+    Backend("dask", "dask", "dask.array", _dask_from_numpy, _dask_to_numpy),
+    Backend(
+        "cupy",
+        "cupy",
+        "cupy",
+        lambda lib, a: lib.asarray(a),
+        lambda lib, a: lib.asnumpy(a),
+        skip_reason=_cupy_skip,
     ),
 ]
 
@@ -107,7 +164,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _selected(config: pytest.Config) -> list[Backend]:
-    families = [f.strip() for f in config.getoption("--backends").split(",") if f.strip()]
+    families = [
+        f.strip() for f in config.getoption("--backends").split(",") if f.strip()
+    ]
     known = {b.family for b in BACKENDS}
     unknown = sorted(set(families) - known)
     if unknown:
@@ -119,7 +178,9 @@ def _selected(config: pytest.Config) -> list[Backend]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" in metafunc.fixturenames:
         selected = _selected(metafunc.config)
-        metafunc.parametrize("backend", selected, ids=[b.name for b in selected], indirect=True)
+        metafunc.parametrize(
+            "backend", selected, ids=[b.name for b in selected], indirect=True
+        )
 
 
 @pytest.fixture

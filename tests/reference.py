@@ -33,8 +33,17 @@ def _from_rows(rows: np.ndarray, like: np.ndarray, kept: list[int]) -> np.ndarra
     return np.transpose(rows.reshape(moved_shape), np.argsort(order))
 
 
-def forward(x, weight=None, bias=None, *, axis=-1, eps=1e-5, training=True,
-            running_mean=None, running_var=None):
+def forward(
+    x,
+    weight=None,
+    bias=None,
+    *,
+    axis=-1,
+    eps=1e-5,
+    training=True,
+    running_mean=None,
+    running_var=None,
+):
     """Returns y and (mean, biased var) with the kept axes' shape."""
     x = np.asarray(x, dtype=np.float64)
     kept = _kept_axes(axis, x.ndim)
@@ -54,8 +63,17 @@ def forward(x, weight=None, bias=None, *, axis=-1, eps=1e-5, training=True,
     return y, mean.reshape(channel_shape), var.reshape(channel_shape)
 
 
-def backward(dy, x, weight=None, *, axis=-1, eps=1e-5, training=True,
-             running_mean=None, running_var=None):
+def backward(
+    dy,
+    x,
+    weight=None,
+    *,
+    axis=-1,
+    eps=1e-5,
+    training=True,
+    running_mean=None,
+    running_var=None,
+):
     """Returns dx, dweight, dbias by the chain rule through μ and σ²."""
     x = np.asarray(x, dtype=np.float64)
     kept = _kept_axes(axis, x.ndim)
@@ -86,8 +104,9 @@ def backward(dy, x, weight=None, *, axis=-1, eps=1e-5, training=True,
     return dx, dweight.reshape(channel_shape), dbias.reshape(channel_shape)
 
 
-def update_running_stats(running_mean, running_var, x, *, axis=-1, momentum=0.1,
-                         num_batches_tracked=None):
+def update_running_stats(
+    running_mean, running_var, x, *, axis=-1, momentum=0.1, num_batches_tracked=None
+):
     """PyTorch's update: unbiased batch variance; momentum None = cumulative average."""
     _, mean, var = forward(x, axis=axis)
     kept = _kept_axes(axis, np.ndim(x))

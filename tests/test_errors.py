@@ -86,9 +86,13 @@ def test_parameter_must_be_an_array(x):
         bn.batch_norm_forward(x, bias=[0.0, 0.0, 0.0])
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((1, 3), -1), ((5, 3), (0, 1)), ((1, 2, 1, 1), 1)])
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((1, 3), -1), ((5, 3), (0, 1)), ((1, 2, 1, 1), 1)]
+)
 def test_one_value_per_channel_in_training(backend, shape, axis):
-    with raises(ValueError, "Expected more than 1 value per channel when training", str(shape)):
+    with raises(
+        ValueError, "Expected more than 1 value per channel when training", str(shape)
+    ):
         bn.batch_norm_forward(backend.asarray(np.ones(shape)), axis=axis)
 
 
@@ -144,7 +148,9 @@ def test_arrays_on_different_devices():
         bn.batch_norm_forward(x, weight)
     _, ctx = bn.batch_norm_forward(x)
     with raises(ValueError, "`dy`", "device1"):
-        bn.batch_norm_backward(xps.ones((4, 3), dtype=xps.float64, device=xps.Device("device1")), ctx)
+        bn.batch_norm_backward(
+            xps.ones((4, 3), dtype=xps.float64, device=xps.Device("device1")), ctx
+        )
 
 
 class TestBackward:
@@ -186,12 +192,18 @@ class TestUpdateRunningStats:
         with raises(ValueError, "`num_batches_tracked`", "momentum"):
             bn.update_running_stats(ones3, ones3, ctx, momentum=None)
         with raises(ValueError, "`num_batches_tracked`", "0"):
-            bn.update_running_stats(ones3, ones3, ctx, momentum=None, num_batches_tracked=0)
+            bn.update_running_stats(
+                ones3, ones3, ctx, momentum=None, num_batches_tracked=0
+            )
         with raises(TypeError, "`num_batches_tracked`", "1.0"):
-            bn.update_running_stats(ones3, ones3, ctx, momentum=None, num_batches_tracked=1.0)
+            bn.update_running_stats(
+                ones3, ones3, ctx, momentum=None, num_batches_tracked=1.0
+            )
 
     def test_inference_context(self, x, ones3):
-        _, ctx = bn.batch_norm_forward(x, training=False, running_mean=ones3, running_var=ones3)
+        _, ctx = bn.batch_norm_forward(
+            x, training=False, running_mean=ones3, running_var=ones3
+        )
         with raises(ValueError, "`ctx`", "training=False"):
             bn.update_running_stats(ones3, ones3, ctx)
 
@@ -214,7 +226,9 @@ class TestLayer:
     @pytest.mark.parametrize("num_features", [0, -2, (3, 0)])
     def test_num_features_positive(self, num_features):
         with raises(ValueError, "`num_features`", repr(num_features)):
-            bn.BatchNorm(num_features, axis=(1, 2) if isinstance(num_features, tuple) else 1)
+            bn.BatchNorm(
+                num_features, axis=(1, 2) if isinstance(num_features, tuple) else 1
+            )
 
     @pytest.mark.parametrize("num_features", [3.0, "3", True])
     def test_num_features_type(self, num_features):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference
 from cases import LAYOUTS, channel_shape, make_params
 from checks import assert_close, assert_like
 
 import bnarray as bn
-import reference
+
 
 @pytest.mark.parametrize(("shape", "axis"), LAYOUTS)
 @pytest.mark.parametrize("affine", [True, False])
@@ -55,7 +56,7 @@ def test_inference_forward_uses_running_stats(backend, shape, axis, affine):
 
 
 def test_inference_accepts_a_single_sample(backend):
-    x, w, b, rm, rv = make_params((1, 4), -1)
+    x, _w, _b, rm, rv = make_params((1, 4), -1)
     y, _ = bn.batch_norm_forward(
         backend.asarray(x),
         training=False,
@@ -73,7 +74,7 @@ def test_float32_is_within_1e5_of_float64_reference(backend):
         x32, backend.asarray(w, np.float32), backend.asarray(b, np.float32), axis=1
     )
     x_seen = x.astype(np.float32).astype(np.float64)
-    y_ref, mean_ref, var_ref = reference.forward(
+    y_ref, _mean_ref, var_ref = reference.forward(
         x_seen, w.astype(np.float32), b.astype(np.float32), axis=1
     )
     assert_close(backend, y, y_ref, like=x32, rtol=1e-5, atol=1e-5)
@@ -108,7 +109,9 @@ def test_float16_input_accumulates_in_float32(backend):
     y_ref, mean_ref, var_ref = reference.forward(x, np.array([1.5, 0.5]))
     np.testing.assert_allclose(backend.to_numpy(ctx.mean), mean_ref, rtol=1e-5)
     np.testing.assert_allclose(backend.to_numpy(ctx.var), var_ref, rtol=1e-5)
-    np.testing.assert_allclose(backend.to_numpy(y).astype(np.float64), y_ref, atol=5e-3, rtol=2e-3)
+    np.testing.assert_allclose(
+        backend.to_numpy(y).astype(np.float64), y_ref, atol=5e-3, rtol=2e-3
+    )
 
 
 def test_parameters_of_another_float_dtype_are_cast(backend):
@@ -125,8 +128,10 @@ def test_inputs_are_not_modified(backend):
     arrays = [backend.asarray(a) for a in (x, w, b, rm, rv)]
     copies = [backend.to_numpy(a).copy() for a in arrays]
     bn.batch_norm_forward(*arrays[:3])
-    bn.batch_norm_forward(*arrays[:3], training=False, running_mean=arrays[3], running_var=arrays[4])
-    for a, before in zip(arrays, copies):
+    bn.batch_norm_forward(
+        *arrays[:3], training=False, running_mean=arrays[3], running_var=arrays[4]
+    )
+    for a, before in zip(arrays, copies, strict=False):
         np.testing.assert_array_equal(backend.to_numpy(a), before)
 
 

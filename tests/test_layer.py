@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference
 from checks import assert_close
 
 import bnarray as bn
-import reference
 
 
 def make_layer(backend, num_features, **kwargs):
@@ -21,8 +21,18 @@ def snapshot(backend, layer):
 
 def test_initial_state_is_identity_transform(backend):
     layer = make_layer(backend, 3, axis=1)
-    for name, value in [("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)]:
-        assert_close(backend, getattr(layer, name), np.full(3, value), like=backend.asarray(np.zeros(1)))
+    for name, value in [
+        ("weight", 1.0),
+        ("bias", 0.0),
+        ("running_mean", 0.0),
+        ("running_var", 1.0),
+    ]:
+        assert_close(
+            backend,
+            getattr(layer, name),
+            np.full(3, value),
+            like=backend.asarray(np.zeros(1)),
+        )
     assert layer.num_batches_tracked == 0
     assert layer.training is True
     assert layer.grad_weight is None and layer.grad_bias is None
@@ -37,9 +47,13 @@ def test_training_call_normalizes_and_updates_running_stats(backend):
         y = layer(backend.asarray(batch))
         y_ref, _, _ = reference.forward(batch, axis=1)
         assert_close(backend, y, y_ref, like=backend.asarray(batch))
-        mean_ref, var_ref = reference.update_running_stats(mean_ref, var_ref, batch, axis=1, momentum=0.2)
+        mean_ref, var_ref = reference.update_running_stats(
+            mean_ref, var_ref, batch, axis=1, momentum=0.2
+        )
     assert layer.num_batches_tracked == 3
-    np.testing.assert_allclose(backend.to_numpy(layer.running_mean), mean_ref, rtol=1e-12)
+    np.testing.assert_allclose(
+        backend.to_numpy(layer.running_mean), mean_ref, rtol=1e-12
+    )
     np.testing.assert_allclose(backend.to_numpy(layer.running_var), var_ref, rtol=1e-12)
 
 
@@ -50,7 +64,9 @@ def test_momentum_none_gives_the_cumulative_average(backend):
     for batch in batches:
         layer(backend.asarray(batch))
     expected = np.mean([b.mean(axis=0) for b in batches], axis=0)
-    np.testing.assert_allclose(backend.to_numpy(layer.running_mean), expected, rtol=1e-12)
+    np.testing.assert_allclose(
+        backend.to_numpy(layer.running_mean), expected, rtol=1e-12
+    )
 
 
 def test_eval_uses_running_stats_and_changes_nothing(backend):
@@ -106,7 +122,11 @@ def test_without_affine_there_are_no_parameters(backend):
     dx = layer.backward(backend.asarray(np.ones((5, 2))))
     assert tuple(dx.shape) == tuple(y.shape)
     assert layer.grad_weight is None and layer.grad_bias is None
-    assert set(layer.state_dict()) == {"running_mean", "running_var", "num_batches_tracked"}
+    assert set(layer.state_dict()) == {
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+    }
 
 
 def test_backward_matches_the_functional_gradients(backend):
@@ -133,7 +153,13 @@ def test_state_dict_round_trip_gives_the_same_eval_outputs(backend):
     for _ in range(3):
         layer(backend.asarray(rng.normal(1.0, 2.0, size=(8, 3, 2))))
     state = layer.state_dict()
-    assert set(state) == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+    assert set(state) == {
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+    }
     assert int(backend.to_numpy(state["num_batches_tracked"])) == 3
     clone = make_layer(backend, 3, axis=1)
     clone.load_state_dict(state)
@@ -159,8 +185,12 @@ def test_load_state_dict_converts_numpy_values(backend):
     x = np.array([[3.0, -3.0], [5.0, -2.5]])
     y = layer.eval()(backend.asarray(x))
     y_ref, _, _ = reference.forward(
-        x, state["weight"], state["bias"], training=False,
-        running_mean=state["running_mean"], running_var=state["running_var"],
+        x,
+        state["weight"],
+        state["bias"],
+        training=False,
+        running_mean=state["running_mean"],
+        running_var=state["running_var"],
     )
     assert_close(backend, y, y_ref, like=backend.asarray(x), rtol=1e-6)
     state["weight"][0] = 100.0  # the layer holds a copy

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference
 from cases import LAYOUTS, channel_shape, make_params
 from checks import assert_close, assert_like
 
 import bnarray as bn
-import reference
 
 
 @pytest.mark.parametrize(("shape", "axis"), LAYOUTS)
@@ -18,7 +18,9 @@ def test_update_matches_reference(backend, shape, axis, momentum):
     _, ctx = bn.batch_norm_forward(backend.asarray(x), axis=axis)
     rmb, rvb = backend.asarray(rm), backend.asarray(rv)
     new_mean, new_var = bn.update_running_stats(rmb, rvb, ctx, momentum=momentum)
-    mean_ref, var_ref = reference.update_running_stats(rm, rv, x, axis=axis, momentum=momentum)
+    mean_ref, var_ref = reference.update_running_stats(
+        rm, rv, x, axis=axis, momentum=momentum
+    )
     assert_close(backend, new_mean, mean_ref, like=rmb)
     assert_close(backend, new_var, var_ref, like=rvb)
     # the inputs are untouched and the results are new arrays
@@ -43,7 +45,9 @@ def test_momentum_none_is_the_cumulative_average(backend):
     var = backend.asarray(np.ones(3))
     for n, batch in enumerate(batches, start=1):
         _, ctx = bn.batch_norm_forward(backend.asarray(batch))
-        mean, var = bn.update_running_stats(mean, var, ctx, momentum=None, num_batches_tracked=n)
+        mean, var = bn.update_running_stats(
+            mean, var, ctx, momentum=None, num_batches_tracked=n
+        )
     expected_mean = np.mean([b.mean(axis=0) for b in batches], axis=0)
     expected_var = np.mean([b.var(axis=0, ddof=1) for b in batches], axis=0)
     assert_close(backend, mean, expected_mean, like=ctx.mean)

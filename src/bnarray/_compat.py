@@ -16,12 +16,12 @@ from array_api_compat import (
 __all__ = [
     "Array",
     "Device",
+    "Namespace",
     "array_namespace",
     "device",
     "is_array_api_obj",
     "is_cupy_namespace",
     "is_numpy_namespace",
-    "Namespace",
 ]
 
 Array = Any

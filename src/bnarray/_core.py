@@ -84,7 +84,9 @@ def _broadcast_shape(shape: tuple[int, ...], kept: tuple[int, ...]) -> tuple[int
     return tuple(n if a in kept else 1 for a, n in enumerate(shape))
 
 
-def _as_stat(a: Array | None, shape: tuple[int, ...], dtype: object, xp: Namespace) -> Array | None:
+def _as_stat(
+    a: Array | None, shape: tuple[int, ...], dtype: object, xp: Namespace
+) -> Array | None:
     """A per-channel array in the broadcast shape and the compute dtype."""
     if a is None:
         return None
@@ -415,7 +417,9 @@ def update_running_stats(
     (array([1.]), array([1.5]))
     """
     ctx = _check_ctx(ctx)
-    xp = namespace_of({"running_mean": running_mean, "running_var": running_var, "ctx": ctx.mean})
+    xp = namespace_of(
+        {"running_mean": running_mean, "running_var": running_var, "ctx": ctx.mean}
+    )
     if running_var is None:
         msg = "`running_var` must be an array, got None"
         raise TypeError(msg)
@@ -438,4 +442,3 @@ def update_running_stats(
     new_mean = (1.0 - factor) * running_mean + factor * batch_mean
     new_var = (1.0 - factor) * running_var + factor * batch_var
     return new_mean, new_var
-

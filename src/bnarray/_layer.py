@@ -137,7 +137,10 @@ class BatchNorm:
         self.axis = axis
         self.eps = check_eps(eps)
         self.momentum = check_momentum(momentum)
-        for name, flag in [("affine", affine), ("track_running_stats", track_running_stats)]:
+        for name, flag in [
+            ("affine", affine),
+            ("track_running_stats", track_running_stats),
+        ]:
             if not isinstance(flag, bool):
                 msg = f"`{name}` must be a bool, got {flag!r}"
                 raise TypeError(msg)
@@ -172,7 +175,11 @@ class BatchNorm:
         self._ctx: BatchNormContext | None = None
 
     def __repr__(self) -> str:
-        features = self.channel_shape[0] if len(self.channel_shape) == 1 else self.channel_shape
+        features = (
+            self.channel_shape[0]
+            if len(self.channel_shape) == 1
+            else self.channel_shape
+        )
         return (
             f"BatchNorm({features}, axis={self.axis!r}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, "
@@ -266,7 +273,9 @@ class BatchNorm:
             )
         return state
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], *, strict: bool = True) -> None:
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], *, strict: bool = True
+    ) -> None:
         """Load parameters and statistics saved by :meth:`state_dict` or by a
         PyTorch ``BatchNorm*d`` (CPU tensors or NumPy arrays are converted).
 
@@ -296,7 +305,9 @@ class BatchNorm:
             if key == "num_batches_tracked":
                 count = int(value)
                 if count < 0:
-                    msg = f"`state_dict['num_batches_tracked']` must be >= 0, got {count}"
+                    msg = (
+                        f"`state_dict['num_batches_tracked']` must be >= 0, got {count}"
+                    )
                     raise ValueError(msg)
                 new[key] = count
                 continue
@@ -310,7 +321,6 @@ class BatchNorm:
             new[key] = array
         for key, value in new.items():
             setattr(self, key, value)
-
 
 
 def _device_of(a: Array | None) -> Device:

@@ -97,12 +97,18 @@ def normalize_axis(axis: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
     return tuple(sorted(normalized))
 
 
-def reduce_count(shape: tuple[int | None, ...], reduce_axes: tuple[int, ...]) -> int | None:
-    """Elements per channel, or None when a lazy backend does not know the shape yet."""
-    sizes = [shape[a] for a in reduce_axes]
-    if any(s is None or (isinstance(s, float) and math.isnan(s)) for s in sizes):
-        return None
-    return math.prod(int(s) for s in sizes)  # type: ignore[arg-type]
+def reduce_count(
+    shape: tuple[int | float | None, ...], reduce_axes: tuple[int, ...]
+) -> int | None:
+    """Elements per channel, or None when a lazy backend does not know the shape yet
+    (None in the array API standard, NaN in Dask)."""
+    count = 1
+    for a in reduce_axes:
+        size = shape[a]
+        if size is None or math.isnan(size):
+            return None
+        count *= int(size)
+    return count
 
 
 def check_channel_array(
@@ -124,7 +130,9 @@ def check_channel_array(
 
 def _check_real(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        msg = f"`{name}` must be a real number, got {type(value).__name__}: {value!r:.80}"
+        msg = (
+            f"`{name}` must be a real number, got {type(value).__name__}: {value!r:.80}"
+        )
         raise TypeError(msg)
     return float(value)
 
@@ -149,7 +157,9 @@ def check_momentum(momentum: object) -> float | None:
     return value
 
 
-def check_num_batches_tracked(num_batches_tracked: object, *, required: bool) -> int | None:
+def check_num_batches_tracked(
+    num_batches_tracked: object, *, required: bool
+) -> int | None:
     """A count of batches: a non-negative int (>= 1 when it drives the average)."""
     if num_batches_tracked is None:
         if required:
