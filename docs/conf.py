@@ -9,7 +9,7 @@ import bnarray
 
 project = "bnarray"
 author = "The bnarray developers"
-copyright = "2026, The bnarray developers"  # noqa: A001
+copyright = "2026, The bnarray developers"
 version = release = bnarray.__version__
 
 extensions = [
@@ -24,7 +24,7 @@ extensions = [
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
-templates_path: list[str] = []
+templates_path = ["_templates"]
 
 # Equations: every displayed equation gets a number, per page.
 math_number_all = True
@@ -35,7 +35,9 @@ math_eqref_format = "({number})"
 # would override `mathjax_path` and is not parallel-safe.
 _mathjax_spec = importlib.util.find_spec("sphinx-mathjax-offline")
 if _mathjax_spec is None or not _mathjax_spec.submodule_search_locations:
-    msg = "the docs need `sphinx-mathjax-offline` (pip install -r docs/requirements.txt)"
+    msg = (
+        "the docs need `sphinx-mathjax-offline` (pip install -r docs/requirements.txt)"
+    )
     raise RuntimeError(msg)
 _mathjax_static = Path(next(iter(_mathjax_spec.submodule_search_locations))) / "static"
 html_static_path = [str(_mathjax_static)]
@@ -55,7 +57,9 @@ plot_html_show_source_link = False
 plot_html_show_formats = False
 plot_formats = [("png", 110)]
 plot_rcparams = {"figure.figsize": (6.4, 3.6), "figure.dpi": 110}
-plot_pre_code = "import numpy as np\nimport matplotlib.pyplot as plt\nimport bnarray as bn"
+plot_pre_code = (
+    "import numpy as np\nimport matplotlib.pyplot as plt\nimport bnarray as bn"
+)
 
 myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 2
@@ -65,3 +69,18 @@ html_title = f"bnarray {release}"
 html_theme_options = {"navigation_with_keys": True}
 html_show_sourcelink = False
 html_copy_source = False
+
+
+def _describe_version(app, what, name, obj, options, lines):
+    """`__version__` is a plain str: document it instead of str's docstring."""
+    if what == "data" and name.endswith("__version__"):
+        lines[:] = [
+            "The version of bnarray, a string such as ``'0.1.0'``.",
+            "",
+            "These pages document version |release|.",
+        ]
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", _describe_version)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
