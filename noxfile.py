@@ -41,3 +41,17 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy")
+
+
+@nox.session(python="3.11")
+def docs(session: nox.Session) -> None:
+    """Build the HTML docs (warnings are errors), run their doctests, check the site
+    offline in headless Chromium (Debian package `chromium`)."""
+    session.install("-e", ".", "-r", "docs/requirements.txt", "pytest")
+    build = "docs/_build/html"
+    session.run("sphinx-build", "-W", "--keep-going", "-j", "2", "docs", build)
+    flags = "doctest_optionflags=NORMALIZE_WHITESPACE ELLIPSIS"
+    doctest = ["pytest", "-p", "no:cacheprovider", "-o", flags]
+    session.run(*doctest, "--doctest-glob=*.rst", "--ignore=docs/_build", "docs")
+    session.run(*doctest, "--doctest-modules", "src/bnarray")
+    session.run("python", "docs/check_site.py", build)
