@@ -55,3 +55,20 @@ def docs(session: nox.Session) -> None:
     session.run(*doctest, "--doctest-glob=*.rst", "--ignore=docs/_build", "docs")
     session.run(*doctest, "--doctest-modules", "src/bnarray")
     session.run("python", "docs/check_site.py", build)
+
+
+@nox.session(python="3.11")
+def demo(session: nox.Session) -> None:
+    """The main job: train an MLP on the digits with and without batch norm, write
+    plots and results.json to results/ (`nox -s demo -- --quick` for a short run)."""
+    session.install(".", "-r", "examples/requirements.txt")
+    session.run(
+        "python", "examples/train_digits.py", "--out", "results", *session.posargs
+    )
+
+
+@nox.session(name="tests-demo", python="3.11")
+def tests_demo(session: nox.Session) -> None:
+    """The demo's own test: a --quick run gives complete, sane results and plots."""
+    session.install(".[test]", "-r", "examples/requirements.txt")
+    session.run("pytest", "tests/test_demo.py", "--backends=numpy", *session.posargs)
