@@ -1,0 +1,100 @@
+"""The digits demo (examples/train_digits.py) runs end to end and reports sane numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+pytest.importorskip("threadpoolctl")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("demo")
+    # A subprocess keeps the demo's own warnings (matplotlib, tqdm) out of this
+    # session's warnings-as-errors filter, and runs it the way users do.
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        check=True,
+        timeout=90,
+        capture_output=True,
+    )
+    return json.loads((out / "results.json").read_text()), out
+
+
+def _accuracies(results: dict) -> list[float]:
+    modes = results["eval_modes"]
+    return [
+        *(row["test_accuracy"] for row in results["lr_sweep"]),
+        *(row["test_accuracy"] for row in results["batch_size_sweep"]),
+        modes["running_stats"],
+        modes["batch_stats"],
+        modes["single_sample_running_stats"],
+    ]
+
+
+def test_results_json_has_every_experiment(quick_run: tuple[dict, Path]) -> None:
+    results, _ = quick_run
+    assert {row["batch_norm"] for row in results["lr_sweep"]} == {True, False}
+    lrs = {row["lr"] for row in results["lr_sweep"]}
+    assert len(lrs) >= 3
+    assert len(results["lr_sweep"]) == 2 * len(lrs)
+    sizes = [row["batch_size"] for row in results["batch_size_sweep"]]
+    assert sizes == sorted(sizes)
+    assert min(sizes) <= 2
+    assert max(sizes) >= 128
+    assert set(results["eval_modes"]) >= {
+        "running_stats",
+        "batch_stats",
+        "single_sample_running_stats",
+    }
+
+
+def test_accuracies_are_fractions(quick_run: tuple[dict, Path]) -> None:
+    results, _ = quick_run
+    for value in _accuracies(results):
+        assert isinstance(value, float)
+        assert math.isfinite(value)
+        assert 0.0 <= value <= 1.0
+
+
+def test_batch_norm_network_beats_chance(quick_run: tuple[dict, Path]) -> None:
+    results, _ = quick_run
+    # Ten balanced classes: chance is 0.1. A working forward/backward pass gets
+    # above 0.9 even in quick mode; 0.5 leaves room for other BLAS builds.
+    best = max(row["test_accuracy"] for row in results["lr_sweep"] if row["batch_norm"])
+    assert best > 0.5
+    assert results["eval_modes"]["running_stats"] > 0.5
+
+
+def test_running_stats_do_not_depend_on_the_batch(quick_run: tuple[dict, Path]) -> None:
+    # In inference mode each image is normalized on its own: feeding the test set
+    # one image at a time must give the same predictions (up to a near-tie that
+    # BLAS rounding could flip).
+    results, _ = quick_run
+    modes = results["eval_modes"]
+    n_test = results["config"]["n_test"]
+    difference = modes["single_sample_running_stats"] - modes["running_stats"]
+    assert abs(difference) <= 1 / n_test
+    # Batch statistics of a single image are undefined: the demo records the error.
+    assert modes["single_sample_batch_stats_error"]
+
+
+def test_plots_are_written(quick_run: tuple[dict, Path]) -> None:
+    _, out = quick_run
+    for name in ("lr_sweep.png", "batch_size_sweep.png", "eval_modes.png"):
+        png = out / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.stat().st_size > 10_000
