@@ -32,17 +32,24 @@ def _torch_to_numpy(lib: ModuleType, a: Any) -> np.ndarray:
     return a.detach().cpu().numpy()
 
 
+# For JAX, `lib` is jax.numpy: the module users pass as `xp`.
 def _jax_setup(lib: ModuleType) -> None:
+    import jax
+
     # Without x64, JAX silently turns every float64 request into float32.
-    lib.config.update("jax_enable_x64", True)
+    jax.config.update("jax_enable_x64", True)
 
 
 def _jax_device1(lib: ModuleType, a: np.ndarray) -> Any:
-    return lib.device_put(lib.numpy.asarray(a), lib.devices()[1])
+    import jax
+
+    return jax.device_put(lib.asarray(a), jax.devices()[1])
 
 
 def _jax_device1_skip(lib: ModuleType) -> str | None:
-    if len(lib.devices()) < 2:
+    import jax
+
+    if len(jax.devices()) < 2:
         return (
             "JAX has one device; set XLA_FLAGS=--xla_force_host_platform_device_count=2 "
             "(as `nox -s tests-jax` does) to test a second one"
@@ -106,11 +113,11 @@ BACKENDS = [
         has_float16=False,
     ),
     Backend("torch", "torch", "torch", lambda lib, a: lib.tensor(a), _torch_to_numpy),
-    Backend("jax", "jax", "jax", lambda lib, a: lib.numpy.asarray(a), setup=_jax_setup),
+    Backend("jax", "jax", "jax.numpy", lambda lib, a: lib.asarray(a), setup=_jax_setup),
     Backend(
         "jax_cpu1",
         "jax",
-        "jax",
+        "jax.numpy",
         _jax_device1,
         setup=_jax_setup,
         skip_reason=_jax_device1_skip,
