@@ -26,8 +26,13 @@ root_doc = "index"
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 templates_path = ["_templates"]
 
-# Equations: every displayed equation gets a number, per page.
+# Equations: every displayed equation gets a number. The math pages sit in a
+# numbered toctree, so their numbers carry the page number, e.g. (1.23), and
+# references between pages stay unambiguous.
 math_number_all = True
+numfig = True
+math_numfig = True
+numfig_secnum_depth = 1
 math_eqref_format = "({number})"
 
 # MathJax 3 served from this site (no CDN): the sphinx-mathjax-offline package

@@ -1,6 +1,7 @@
 """The claims of the math pages (docs/math.rst, behaviour.rst, numerics.rst), checked.
 
-Each test names the equation or statement it pins down. The oracles are float64
+Each test names the statement it pins down; comments give the equation numbers
+of the built site: (1.n) math, (2.n) behaviour, (3.n) numerics. The oracles are float64
 NumPy written from the equations on the pages, and central finite differences.
 """
 
@@ -29,7 +30,7 @@ def numerical_gradient(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
 
 
 def chain_rule_backward(x, gamma, g, *, eps=EPS):
-    """The paper's node-by-node backward pass, math.rst equations (18)-(21).
+    """The paper's node-by-node backward pass, equations (1.18)-(1.21).
 
     `x` and `g` are (m, C): samples along axis 0.
     """
@@ -38,10 +39,10 @@ def chain_rule_backward(x, gamma, g, *, eps=EPS):
     var = ((x - mu) ** 2).mean(axis=0)
     s = 1.0 / np.sqrt(var + eps)
     xhat = (x - mu) * s
-    dxhat = gamma * g  # (18)
-    dvar = np.sum(dxhat * (x - mu), axis=0) * -0.5 * (var + eps) ** -1.5  # (19)
-    dmu = np.sum(dxhat * -s, axis=0) + dvar * np.mean(-2.0 * (x - mu), axis=0)  # (20)
-    dx = dxhat * s + dvar * 2.0 * (x - mu) / m + dmu / m  # (21)
+    dxhat = gamma * g  # (1.18)
+    dvar = np.sum(dxhat * (x - mu), axis=0) * -0.5 * (var + eps) ** -1.5  # (1.19)
+    dmu = np.sum(dxhat * -s, axis=0) + dvar * np.mean(-2.0 * (x - mu), axis=0)  # (1.20)
+    dx = dxhat * s + dvar * 2.0 * (x - mu) / m + dmu / m  # (1.21)
     return dx, np.sum(g * xhat, axis=0), np.sum(g, axis=0)
 
 
@@ -52,9 +53,9 @@ def test_forward_is_mean_biased_variance_normalize_scale_shift():
     x = rng().normal(5.0, 3.0, size=(8, 3, 3, 4))
     gamma, beta = rng(1).normal(size=4), rng(2).normal(size=4)
     y, ctx = bn.batch_norm_forward(x, gamma, beta, eps=EPS)
-    mu = x.sum(axis=(0, 1, 2)) / (8 * 3 * 3)  # (2)
-    var = ((x - mu) ** 2).sum(axis=(0, 1, 2)) / (8 * 3 * 3)  # (3), biased
-    s = 1 / np.sqrt(var + EPS)  # (4)
+    mu = x.sum(axis=(0, 1, 2)) / (8 * 3 * 3)  # (1.2)
+    var = ((x - mu) ** 2).sum(axis=(0, 1, 2)) / (8 * 3 * 3)  # (1.3), biased
+    s = 1 / np.sqrt(var + EPS)  # (1.4)
     np.testing.assert_allclose(ctx.mean, mu, rtol=1e-13)
     np.testing.assert_allclose(ctx.var, var, rtol=1e-12)
     np.testing.assert_allclose(ctx.invstd, s, rtol=1e-12)
@@ -65,7 +66,7 @@ def test_normalized_values_have_zero_sum_and_sum_of_squares_m_var_over_var_eps()
     x = rng().normal(2.0, 0.01, size=(50, 3))  # var 1e-4: the eps effect is visible
     xhat, ctx = bn.batch_norm_forward(x, eps=EPS)
     np.testing.assert_allclose(xhat.sum(axis=0), 0.0, atol=1e-11)
-    expected = ctx.count * ctx.var / (ctx.var + EPS)  # (7)
+    expected = ctx.count * ctx.var / (ctx.var + EPS)  # (1.7)
     np.testing.assert_allclose((xhat**2).sum(axis=0), expected, rtol=1e-12)
     assert np.all(expected < ctx.count * 0.95)
 
@@ -80,13 +81,13 @@ def test_running_stats_are_the_unrolled_exponential_moving_average():
         _, ctx = bn.batch_norm_forward(b)
         mean, var = bn.update_running_stats(mean, var, ctx, momentum=alpha)
     t = len(batches)
-    weights = [alpha * (1 - alpha) ** (t - j) for j in range(1, t + 1)]  # (10)
+    weights = [alpha * (1 - alpha) ** (t - j) for j in range(1, t + 1)]  # (1.10)
     expected_mean = (1 - alpha) ** t * 0.0 + sum(
         w * b.mean(axis=0) for w, b in zip(weights, batches, strict=True)
     )
     expected_var = (1 - alpha) ** t * 1.0 + sum(
         w * b.var(axis=0, ddof=1) for w, b in zip(weights, batches, strict=True)
-    )  # (9): the unbiased batch variance
+    )  # (1.9): the unbiased batch variance
     np.testing.assert_allclose(mean, expected_mean, rtol=1e-12)
     np.testing.assert_allclose(var, expected_var, rtol=1e-12)
 
@@ -96,7 +97,7 @@ def test_momentum_none_is_the_plain_average_of_all_batches():
     batches = [rng(i).normal(3.0 * i, 1.0 + i, size=(5, 3)) for i in range(7)]
     for b in batches:
         layer(b)
-    # (11): the initial statistics get weight zero, every batch 1/n.
+    # (1.11): the initial statistics get weight zero, every batch 1/n.
     np.testing.assert_allclose(
         layer.running_mean,
         np.mean([b.mean(axis=0) for b in batches], axis=0),
@@ -113,7 +114,7 @@ def test_biased_batch_variance_underestimates_by_m_minus_1_over_m():
     m, trials = 4, 200_000
     x = rng().normal(0.0, 2.0, size=(m, trials))  # every trial is one channel
     _, ctx = bn.batch_norm_forward(x)
-    # (13): E[sigma^2] = (m - 1)/m * sigma*^2 = 3.0; Bessel's correction removes it.
+    # (1.13): E[sigma^2] = (m - 1)/m * sigma*^2 = 3.0; Bessel's correction removes it.
     # Standard error of the average: sqrt(2 * 4**2 * (m-1)) / m / sqrt(trials) ~ 0.007.
     assert abs(ctx.var.mean() - 3.0) < 0.04
     assert abs(ctx.var.mean() * m / (m - 1) - 4.0) < 0.05
@@ -132,10 +133,10 @@ def test_inference_folds_into_one_affine_map_and_into_the_previous_layer():
     y, _ = bn.batch_norm_forward(
         x, gamma, beta, training=False, running_mean=r_mean, running_var=r_var
     )
-    a = gamma / np.sqrt(r_var + EPS)  # (14)
+    a = gamma / np.sqrt(r_var + EPS)  # (1.14)
     b = beta - a * r_mean
     np.testing.assert_allclose(y, a * x + b, rtol=1e-12, atol=1e-12)
-    folded_weight, folded_bias = weight * a, a * c + b  # (15)
+    folded_weight, folded_bias = weight * a, a * c + b  # (1.15)
     np.testing.assert_allclose(
         y, z @ folded_weight + folded_bias, rtol=1e-11, atol=1e-12
     )
@@ -161,10 +162,10 @@ def test_compact_backward_equals_the_full_chain_rule(shape, axis):
     dx_chain, dgamma_ref, dbeta_ref = chain_rule_backward(as_rows, gamma, g_rows)
     dx_chain = np.moveaxis(dx_chain.reshape(np.moveaxis(x, axis, -1).shape), -1, axis)
     np.testing.assert_allclose(dx, dx_chain, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(dgamma, dgamma_ref, rtol=1e-12)  # (17)
-    np.testing.assert_allclose(dbeta, dbeta_ref, rtol=1e-12)  # (16)
+    np.testing.assert_allclose(dgamma, dgamma_ref, rtol=1e-12)  # (1.17)
+    np.testing.assert_allclose(dbeta, dbeta_ref, rtol=1e-12)  # (1.16)
 
-    # (23) evaluated literally
+    # (1.23) evaluated literally
     m, s = ctx.count, ctx.invstd
     xhat = (as_rows - ctx.mean) * s
     dx_compact = (
@@ -208,7 +209,7 @@ def test_eval_mode_gradient_is_the_per_channel_scale():
     _, ctx = bn.batch_norm_forward(x, gamma, beta, **stats)
     dx, dgamma, dbeta = bn.batch_norm_backward(g, ctx)
     s = 1 / np.sqrt(r_var + EPS)
-    np.testing.assert_allclose(dx, gamma * s * g, rtol=1e-12)  # (24)
+    np.testing.assert_allclose(dx, gamma * s * g, rtol=1e-12)  # (1.24)
     np.testing.assert_allclose(dgamma, np.sum(g * (x - r_mean) * s, axis=0), rtol=1e-12)
     np.testing.assert_allclose(dbeta, g.sum(axis=0), rtol=1e-12)
     np.testing.assert_allclose(dx, numerical_gradient(loss, x), rtol=1e-6, atol=1e-9)
@@ -232,10 +233,10 @@ def test_output_is_invariant_to_weight_scale_and_gradient_scales_inversely(c):
         return y, z.T @ dx
 
     y1, dw1 = forward_backward(weight, EPS)
-    # behaviour (1): exact when eps scales with c**2 ...
+    # (2.1): exact when eps scales with c**2 ...
     yc, dwc = forward_backward(c * weight, EPS * c**2)
     np.testing.assert_allclose(yc, y1, rtol=1e-9, atol=1e-10)
-    # ... (2): and then the gradient scales exactly like 1/c.
+    # ... (2.2): and then the gradient scales exactly like 1/c.
     np.testing.assert_allclose(dwc, dw1 / c, rtol=1e-8, atol=1e-12 / c)
     # With a fixed eps the invariance holds as long as c**2 var >> eps.
     y_fixed, _ = forward_backward(c * weight, EPS)
@@ -259,7 +260,7 @@ def test_weight_gradient_matches_finite_differences_and_is_orthogonal_to_weights
     np.testing.assert_allclose(
         dweight, numerical_gradient(loss, weight), rtol=1e-6, atol=1e-8
     )
-    # behaviour (3): <W, grad W> = 0 per channel (Euler, degree-zero homogeneity).
+    # (2.3): <W, grad W> = 0 per channel (Euler, degree-zero homogeneity).
     np.testing.assert_allclose(np.sum(weight * dweight, axis=0), 0.0, atol=1e-12)
 
 
@@ -281,7 +282,7 @@ def test_jacobian_has_cross_sample_terms_as_derived():
         jac_fd[:, j] = (y_plus - y_minus).ravel() / 2e-6
     xhat = ((x - ctx.mean) * ctx.invstd).ravel()
     s = ctx.invstd[0]
-    jac = gamma[0] * s / m * (m * np.eye(m) - 1 - np.outer(xhat, xhat))  # behaviour (5)
+    jac = gamma[0] * s / m * (m * np.eye(m) - 1 - np.outer(xhat, xhat))  # (2.5)
     np.testing.assert_allclose(jac_fd, jac, rtol=1e-6, atol=1e-8)
 
     sample = np.repeat(np.arange(3), 2)  # sample index of each flattened position
@@ -299,7 +300,7 @@ def test_input_gradient_has_zero_sum_and_tiny_component_along_xhat():
     _, ctx = bn.batch_norm_forward(x, gamma)
     dx, dgamma, _ = bn.batch_norm_backward(g, ctx)
     xhat = (x - ctx.mean) * ctx.invstd
-    np.testing.assert_allclose(dx.sum(axis=0), 0.0, atol=1e-12)  # behaviour (7)
+    np.testing.assert_allclose(dx.sum(axis=0), 0.0, atol=1e-12)  # (2.7)
     expected = gamma * ctx.invstd * EPS / (ctx.var + EPS) * dgamma
     np.testing.assert_allclose((dx * xhat).sum(axis=0), expected, rtol=1e-6, atol=1e-14)
 
@@ -312,9 +313,9 @@ def test_variance_of_the_batch_mean_is_sigma_squared_over_m(m):
     sigma2, trials = 2.5, 20_000
     x = rng(m).normal(1.0, np.sqrt(sigma2), size=(m, trials))
     _, ctx = bn.batch_norm_forward(x)
-    # behaviour (8); the estimate's relative standard error is sqrt(2/trials) = 1 %.
+    # (2.8); the estimate's relative standard error is sqrt(2/trials) = 1 %.
     np.testing.assert_allclose(ctx.mean.var(), sigma2 / m, rtol=0.05)
-    # behaviour (9) for normal data; relative standard error about 2 %.
+    # (2.9) for normal data; relative standard error about 2 %.
     np.testing.assert_allclose(ctx.var.var(), 2 * (m - 1) / m**2 * sigma2**2, rtol=0.1)
 
 
@@ -333,7 +334,7 @@ def test_larger_batches_give_less_noisy_statistics():
 def test_two_pass_variance_survives_a_large_mean_where_the_naive_formula_fails():
     x = (1e4 + rng(9).normal(size=(4096, 2))).astype(np.float32)
     exact = x.astype(np.float64).var(axis=0)
-    naive = np.mean(x * x, axis=0) - np.mean(x, axis=0) ** 2  # numerics (1)
+    naive = np.mean(x * x, axis=0) - np.mean(x, axis=0) ** 2  # (3.1)
     assert np.all(np.abs(naive - exact) > 0.5 * exact)
     _, ctx = bn.batch_norm_forward(x)
     assert ctx.var.dtype == np.float32
@@ -343,7 +344,7 @@ def test_two_pass_variance_survives_a_large_mean_where_the_naive_formula_fails()
 def test_welford_and_chan_merge_equal_the_two_pass_variance():
     data = 1e6 + rng(10).normal(size=999)
 
-    def welford(values):  # numerics (3)
+    def welford(values):  # (3.3)
         n, mean, m2 = 0, 0.0, 0.0
         for v in values:
             n += 1
@@ -352,7 +353,7 @@ def test_welford_and_chan_merge_equal_the_two_pass_variance():
             m2 += delta * (v - mean)
         return n, mean, m2
 
-    def chan(a, b):  # numerics (4)
+    def chan(a, b):  # (3.4)
         (na, mean_a, m2_a), (nb, mean_b, m2_b) = a, b
         n = na + nb
         delta = mean_b - mean_a
