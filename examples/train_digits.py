@@ -19,6 +19,7 @@ well under a minute). Results go to ``results/results.json`` and ``results/*.png
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -32,7 +33,6 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
-from scipy.special import expit
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from threadpoolctl import threadpool_limits
@@ -137,7 +137,7 @@ class MLP:
     def create(cls, *, batch_norm: bool, rng: np.random.Generator) -> MLP:
         sizes = (64, *HIDDEN, 10)
         dense = []
-        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
             # LeCun-normal initialization, identical for both networks (same rng seed).
             w = rng.normal(0.0, 1.0 / np.sqrt(fan_in), size=(fan_in, fan_out))
             is_output = i == len(sizes) - 2
@@ -175,7 +175,7 @@ class MLP:
                     )
                 else:
                     z = norm(z)
-            a = expit(z)
+            a = sigmoid(z)
             self.cache.append((h, a))
             h = a
         self.last_hidden_input = z
@@ -212,7 +212,14 @@ class MLP:
                 norm.bias = norm.bias - lr * norm.grad_bias
 
 
-def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """The logistic function, in its tanh form (no overflow for large ``|z|``)."""
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def softmax_cross_entropy(
+    logits: np.ndarray, y: np.ndarray
+) -> tuple[float, np.ndarray]:
     """Mean cross-entropy over the batch and its gradient w.r.t. the logits."""
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -223,7 +230,9 @@ def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.
     return float(loss), dlogits / n
 
 
-def accuracy(model: MLP, x: np.ndarray, y: np.ndarray, *, mode: str = "running") -> float:
+def accuracy(
+    model: MLP, x: np.ndarray, y: np.ndarray, *, mode: str = "running"
+) -> float:
     model.set_training(False)
     predictions = model.forward(x, mode=mode).argmax(axis=1)
     model.set_training(True)
@@ -343,7 +352,8 @@ def lr_sweep(data: Digits, budget: Budget, seed: int) -> tuple[list[dict], dict]
                     "diverged_seeds": sum(r.diverged for r in runs),
                     "curve_steps": runs[0].steps,
                     "curve_test_accuracy": [
-                        float(v) for v in np.mean([r.test_accuracy for r in runs], axis=0)
+                        float(v)
+                        for v in np.mean([r.test_accuracy for r in runs], axis=0)
                     ],
                 }
             )
@@ -397,7 +407,9 @@ def batch_size_sweep(data: Digits, budget: Budget, seed: int) -> tuple[list, lis
 
 def eval_modes(data: Digits, budget: Budget, seed: int) -> tuple[dict, dict]:
     """One network trained with batch 60, evaluated several ways."""
-    with tqdm(total=budget.lr_steps, desc="3/3 test-time modes", unit="step") as progress:
+    with tqdm(
+        total=budget.lr_steps, desc="3/3 test-time modes", unit="step"
+    ) as progress:
         run = train(
             data,
             batch_norm=True,
@@ -497,24 +509,31 @@ def plot_lr_sweep(curves: dict, budget: Budget, path: Path) -> None:
 
 
 def plot_batch_sizes(with_bn: list, without: list, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     sizes = [r["batch_size"] for r in with_bn]
-    ax.plot(
-        sizes, [r["test_accuracy"] for r in with_bn], "o-", color="tab:blue",
-        label="batch norm (running averages)",
-    )
-    ax.plot(
-        sizes, [r["test_accuracy_batch_stats"] for r in with_bn], "s--",
-        color="tab:cyan", label="batch norm (whole test set's statistics)",
-    )
-    ax.plot(
-        sizes, [r["test_accuracy"] for r in without], "o-", color="tab:gray",
-        label="no batch norm",
-    )
+    for rows, key, style, color, label in (
+        (with_bn, "test_accuracy", "o-", "tab:blue", "batch norm (running averages)"),
+        (
+            with_bn,
+            "test_accuracy_batch_stats",
+            "s--",
+            "tab:cyan",
+            "batch norm (whole test set's statistics)",
+        ),
+        (without, "test_accuracy", "o-", "tab:gray", "no batch norm"),
+    ):
+        ax.plot(sizes, [r[key] for r in rows], style, color=color, label=label)
+        if key == "test_accuracy":
+            for r in rows:  # one dot per seed
+                seeds = r["test_accuracy_per_seed"]
+                ax.plot([r["batch_size"]] * len(seeds), seeds, ".", color=color)
     ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [str(s) for s in sizes])
-    ax.set_xlabel("training batch size (same epochs, lr scaled with batch size)")
+    ax.set_xticks(
+        sizes, [f"{r['batch_size']}\n{r['steps']} steps" for r in with_bn], fontsize=8
+    )
+    ax.set_xlabel("training batch size (same epochs; learning rate proportional to it)")
     ax.set_ylabel("final test accuracy")
+    ax.set_title("3x100 sigmoid MLP, digits: mean of seeds (line), each seed (dots)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -526,22 +545,41 @@ def plot_eval_modes(results: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     bars = {
         "running averages\n(whole test set)": results["running_stats"],
-        "running averages\n(one image at a time)": results["single_sample_running_stats"],
+        "running averages\n(one image at a time)": results[
+            "single_sample_running_stats"
+        ],
         "test set's own\nstatistics": results["batch_stats"],
-        "batch statistics,\none class per batch": results["batch_stats_single_class_batches"],
+        "batch statistics,\none class per batch": results[
+            "batch_stats_single_class_batches"
+        ],
     }
-    left.bar(range(len(bars)), list(bars.values()), color=["tab:blue", "tab:blue", "tab:cyan", "tab:red"])
+    left.bar(
+        range(len(bars)),
+        list(bars.values()),
+        color=["tab:blue", "tab:blue", "tab:cyan", "tab:red"],
+    )
     left.set_xticks(range(len(bars)), list(bars.keys()), fontsize=8)
     for i, v in enumerate(bars.values()):
         left.text(i, v + 0.01, f"{v:.3f}", ha="center", fontsize=8)
     left.set_ylim(0, 1.08)
     left.set_ylabel("test accuracy")
-    left.set_title("one trained network, four ways to normalize at test time", fontsize=10)
+    left.set_title(
+        "one trained network, four ways to normalize at test time", fontsize=10
+    )
     rows = results["batch_stats_by_test_batch_size"]
     sizes = [r["batch_size"] for r in rows]
-    right.plot(sizes, [r["test_accuracy"] for r in rows], "s-", color="tab:cyan",
-               label="statistics of random test batches")
-    right.axhline(results["running_stats"], color="tab:blue", label="running averages (any batch, even 1)")
+    right.plot(
+        sizes,
+        [r["test_accuracy"] for r in rows],
+        "s-",
+        color="tab:cyan",
+        label="statistics of random test batches",
+    )
+    right.axhline(
+        results["running_stats"],
+        color="tab:blue",
+        label="running averages (any batch, even 1)",
+    )
     right.set_xscale("log", base=2)
     right.set_xticks(sizes, [str(s) for s in sizes])
     right.set_xlabel("test batch size")
@@ -572,29 +610,49 @@ def print_tables(results: dict) -> None:
         print(f"{lr:>8g} {cells[0]:>12} {cells[1]:>12}")
 
     print("\n2. Batch sizes (same epochs, lr scaled linearly): final test accuracy")
-    print(f"{'batch':>6} {'lr':>7} {'BN running':>11} {'BN test-batch':>14} {'no BN':>7}")
-    for a, b in zip(results["batch_size_sweep"], results["batch_size_sweep_no_batch_norm"], strict=True):
+    print(
+        f"{'batch':>6} {'lr':>7} {'BN running':>11} {'BN test-batch':>14} {'no BN':>7}"
+    )
+    for a, b in zip(
+        results["batch_size_sweep"],
+        results["batch_size_sweep_no_batch_norm"],
+        strict=True,
+    ):
         print(
             f"{a['batch_size']:>6} {a['lr']:>7.3g} {a['test_accuracy']:>11.3f} "
             f"{a['test_accuracy_batch_stats']:>14.3f} {b['test_accuracy']:>7.3f}"
         )
 
     e = results["eval_modes"]
-    print("\n3. Test-time normalization of one network (batch-norm, trained with batch 60)")
+    print(
+        "\n3. Test-time normalization of one network (batch-norm, trained with batch 60)"
+    )
     print(f"  running averages, whole test set     {e['running_stats']:.3f}")
-    print(f"  running averages, one image at a time {e['single_sample_running_stats']:.3f}")
+    print(
+        f"  running averages, one image at a time {e['single_sample_running_stats']:.3f}"
+    )
     print(f"  test set's own batch statistics      {e['batch_stats']:.3f}")
-    print(f"  batch statistics, one class per batch {e['batch_stats_single_class_batches']:.3f}")
+    print(
+        f"  batch statistics, one class per batch {e['batch_stats_single_class_batches']:.3f}"
+    )
     for r in e["batch_stats_by_test_batch_size"]:
-        print(f"  batch statistics, random batches of {r['batch_size']:>3}: {r['test_accuracy']:.3f}")
+        print(
+            f"  batch statistics, random batches of {r['batch_size']:>3}: {r['test_accuracy']:.3f}"
+        )
     print(f"  batch statistics, one image: {e['single_sample_batch_stats_error']}")
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("results"), help="output folder")
-    parser.add_argument("--quick", action="store_true", help="fewer steps (under a minute)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split, inits and batch order")
+    parser.add_argument(
+        "--out", type=Path, default=Path("results"), help="output folder"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer steps (under a minute)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the split, inits and batch order"
+    )
     args = parser.parse_args(argv)
     budget = QUICK if args.quick else FULL
     args.out.mkdir(parents=True, exist_ok=True)
@@ -631,7 +689,9 @@ def main(argv: list[str] | None = None) -> dict:
     plot_eval_modes(modes, args.out / "eval_modes.png")
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print_tables(results)
-    print(f"\nwrote {args.out}/results.json and 3 plots in {results['config']['seconds']} s")
+    print(
+        f"\nwrote {args.out}/results.json and 3 plots in {results['config']['seconds']} s"
+    )
     return results
 
 
