@@ -26,10 +26,10 @@ root_doc = "index"
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 templates_path = ["_templates"]
 
-# Equations: every displayed equation gets a number. The math pages sit in a
+# Equations: labelled equations get numbers. The math pages sit in a
 # numbered toctree, so their numbers carry the page number, e.g. (1.23), and
 # references between pages stay unambiguous.
-math_number_all = True
+math_number_all = False
 numfig = True
 math_numfig = True
 numfig_secnum_depth = 1
