@@ -350,6 +350,7 @@ def lr_sweep(data: Digits, budget: Budget, seed: int) -> tuple[list[dict], dict]
                     "test_accuracy": float(np.mean(finals)),
                     "test_accuracy_per_seed": finals,
                     "diverged_seeds": sum(r.diverged for r in runs),
+                    "steps_to_90_percent": steps_to(0.9, runs),
                     "curve_steps": runs[0].steps,
                     "curve_test_accuracy": [
                         float(v)
@@ -359,6 +360,13 @@ def lr_sweep(data: Digits, budget: Budget, seed: int) -> tuple[list[dict], dict]
             )
             curves[(lr, batch_norm)] = runs
     return rows, curves
+
+
+def steps_to(target: float, runs: list[Run]) -> int | None:
+    """First evaluated step at which the seed-averaged test accuracy reaches `target`."""
+    mean = np.mean([r.test_accuracy for r in runs], axis=0)
+    reached = np.flatnonzero(mean >= target)
+    return int(runs[0].steps[reached[0]]) if reached.size else None
 
 
 def batch_size_sweep(data: Digits, budget: Budget, seed: int) -> tuple[list, list]:
@@ -596,50 +604,97 @@ def plot_eval_modes(results: dict, path: Path) -> None:
 
 
 def print_tables(results: dict) -> None:
-    print("\n1. Learning rates (3x100 sigmoid MLP, batch 60): final test accuracy")
-    print(f"{'lr':>8} {'without BN':>12} {'with BN':>12}")
+    """The three tables, as Markdown."""
+
+    def table(header: list[str], rows: list[list[str]]) -> None:
+        print("| " + " | ".join(header) + " |")
+        print("|:---|" + "---:|" * (len(header) - 1))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+
+    n = results["config"]["seeds"]
+    seeds = f"{n} seed" if n == 1 else f"{n} seeds"
+    print(f"\n1. Learning rates (3x100 sigmoid MLP, batch 60; mean of {seeds} seeds)\n")
     by_lr: dict[float, dict[bool, dict]] = {}
     for row in results["lr_sweep"]:
         by_lr.setdefault(row["lr"], {})[row["batch_norm"]] = row
+    rows = []
     for lr, pair in by_lr.items():
-        cells = []
+        cells = [f"{lr:g}"]
         for b in (False, True):
             r = pair[b]
-            mark = " (diverged)" if r["diverged_seeds"] else ""
+            mark = f" ({r['diverged_seeds']} diverged)" if r["diverged_seeds"] else ""
             cells.append(f"{r['test_accuracy']:.3f}{mark}")
-        print(f"{lr:>8g} {cells[0]:>12} {cells[1]:>12}")
-
-    print("\n2. Batch sizes (same epochs, lr scaled linearly): final test accuracy")
-    print(
-        f"{'batch':>6} {'lr':>7} {'BN running':>11} {'BN test-batch':>14} {'no BN':>7}"
+        for b in (False, True):
+            steps = pair[b]["steps_to_90_percent"]
+            cells.append("never" if steps is None else str(steps))
+        rows.append(cells)
+    table(
+        [
+            "learning rate",
+            "test acc. without BN",
+            "test acc. with BN",
+            "steps to 90 % without BN",
+            "steps to 90 % with BN",
+        ],
+        rows,
     )
-    for a, b in zip(
-        results["batch_size_sweep"],
-        results["batch_size_sweep_no_batch_norm"],
-        strict=True,
-    ):
-        print(
-            f"{a['batch_size']:>6} {a['lr']:>7.3g} {a['test_accuracy']:>11.3f} "
-            f"{a['test_accuracy_batch_stats']:>14.3f} {b['test_accuracy']:>7.3f}"
+
+    print(
+        f"\n2. Batch sizes ({results['config']['epochs']} epochs each, learning rate"
+        f" proportional to the batch size; mean of {seeds} seeds)\n"
+    )
+    rows = [
+        [
+            str(a["batch_size"]),
+            f"{a['lr']:.3g}",
+            str(a["steps"]),
+            f"{a['test_accuracy']:.3f}",
+            f"{a['test_accuracy_batch_stats']:.3f}",
+            f"{b['test_accuracy']:.3f}",
+        ]
+        for a, b in zip(
+            results["batch_size_sweep"],
+            results["batch_size_sweep_no_batch_norm"],
+            strict=True,
         )
+    ]
+    table(
+        [
+            "batch size",
+            "learning rate",
+            "steps",
+            "BN, running averages",
+            "BN, test set's statistics",
+            "no BN",
+        ],
+        rows,
+    )
 
     e = results["eval_modes"]
-    print(
-        "\n3. Test-time normalization of one network (batch-norm, trained with batch 60)"
-    )
-    print(f"  running averages, whole test set     {e['running_stats']:.3f}")
-    print(
-        f"  running averages, one image at a time {e['single_sample_running_stats']:.3f}"
-    )
-    print(f"  test set's own batch statistics      {e['batch_stats']:.3f}")
-    print(
-        f"  batch statistics, one class per batch {e['batch_stats_single_class_batches']:.3f}"
-    )
-    for r in e["batch_stats_by_test_batch_size"]:
-        print(
-            f"  batch statistics, random batches of {r['batch_size']:>3}: {r['test_accuracy']:.3f}"
-        )
-    print(f"  batch statistics, one image: {e['single_sample_batch_stats_error']}")
+    print("\n3. Test-time normalization of one network (BN, batch 60)\n")
+    rows = [
+        ["running averages, whole test set", f"{e['running_stats']:.3f}"],
+        [
+            "running averages, one image at a time",
+            f"{e['single_sample_running_stats']:.3f}",
+        ],
+        ["the whole test set's own statistics", f"{e['batch_stats']:.3f}"],
+        *(
+            [
+                f"statistics of random test batches of {r['batch_size']}",
+                f"{r['test_accuracy']:.3f}",
+            ]
+            for r in e["batch_stats_by_test_batch_size"]
+        ),
+        [
+            "statistics of test batches of one class each",
+            f"{e['batch_stats_single_class_batches']:.3f}",
+        ],
+        ["statistics of one image", "ValueError"],
+    ]
+    table(["normalized with", "test accuracy"], rows)
+    print(f"\nBatch statistics of one image: {e['single_sample_batch_stats_error']}")
 
 
 def main(argv: list[str] | None = None) -> dict:
