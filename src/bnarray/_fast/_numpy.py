@@ -1,0 +1,325 @@
+"""NumPy kernels: cache-blocked, multi-threaded versions of the four generic kernels."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from .. import _math
+from .._compat import Array, Namespace
+
+__all__ = ["batch_stats", "grad_input", "grad_sums", "normalize"]
+
+# Elements per block. A block of x, its float32/float64 scratch copy and the
+# matching block of dy or y stay within a 1 MiB L2 cache, so every pass after
+# the first read of a block runs from cache: each kernel moves each full-size
+# array through main memory once.
+_BLOCK_ELEMENTS = 1 << 17
+
+# Arrays smaller than this many elements run on the calling thread only.
+_THREADED_MIN_ELEMENTS = 1 << 17
+
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _einsum_vecdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    out: np.ndarray = np.einsum("...i,...i->...", a, b)
+    return out
+
+
+# np.vecdot (NumPy >= 2.0) calls BLAS dot on each contiguous row.
+_vecdot: Callable[[np.ndarray, np.ndarray], np.ndarray] = getattr(
+    np, "vecdot", _einsum_vecdot
+)
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _num_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_num_threads(), thread_name_prefix="bnarray")
+        return _pool
+
+
+def _view3(x: np.ndarray, channel_shape: tuple[int, ...]) -> np.ndarray | None:
+    """`x` as an (A, C, B) view with the channels in the middle, or None.
+
+    `channel_shape` is the broadcast shape of a per-channel array. The view
+    exists when `x` is C-contiguous and its channel axes are adjacent: NCHW
+    (axis=1) gives (N, C, H·W), NHWC (axis=-1) gives (N·H·W, C, 1). Other
+    layouts go to the generic kernels.
+    """
+    if (
+        x.dtype not in _FLOATS
+        or not x.flags.c_contiguous
+        or len(channel_shape) != x.ndim
+        or x.size == 0
+    ):
+        return None
+    kept = [a for a, n in enumerate(channel_shape) if n != 1]
+    if not kept:
+        return x.reshape(1, 1, x.size)
+    first, last = kept[0], kept[-1] + 1
+    if last - first != len(kept):
+        return None
+    a = int(np.prod(x.shape[:first], dtype=np.int64))
+    c = int(np.prod(x.shape[first:last], dtype=np.int64))
+    return x.reshape(a, c, x.size // (a * c))
+
+
+def _channel_shape(x: np.ndarray, reduce_axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(1 if a in reduce_axes else n for a, n in enumerate(x.shape))
+
+
+def _blocks(shape: tuple[int, int, int]) -> list[tuple[slice, slice, slice]]:
+    """Boxes of about `_BLOCK_ELEMENTS` tiling an (A, C, B) array, row-major order."""
+    a, c, b = shape
+    if b >= _BLOCK_ELEMENTS:
+        nb = -(-b // _BLOCK_ELEMENTS)
+        cb, cc, ca = -(-b // nb), 1, 1
+    else:
+        cb = b
+        cc = max(1, min(c, _BLOCK_ELEMENTS // b))
+        cc = -(-c // -(-c // cc))  # equal chunks: no thin last chunk
+        ca = max(1, _BLOCK_ELEMENTS // (cc * b)) if cc == c else 1
+    return [
+        (slice(i, min(i + ca, a)), slice(j, min(j + cc, c)), slice(k, min(k + cb, b)))
+        for i in range(0, a, ca)
+        for j in range(0, c, cc)
+        for k in range(0, b, cb)
+    ]
+
+
+def _split(blocks: list[Any], n: int) -> Iterator[list[Any]]:
+    size = -(-len(blocks) // n)
+    for i in range(0, len(blocks), size):
+        yield blocks[i : i + size]
+
+
+def _run(
+    work: Callable[[list[tuple[slice, slice, slice]]], Any],
+    shape: tuple[int, int, int],
+) -> list[Any]:
+    """Run `work` over the blocks of an (A, C, B) array, split among threads.
+
+    NumPy's ufuncs release the GIL, so the threads stream their blocks in
+    parallel; each returns its own partial result.
+    """
+    blocks = _blocks(shape)
+    n = (
+        _num_threads()
+        if shape[0] * shape[1] * shape[2] >= _THREADED_MIN_ELEMENTS
+        else 1
+    )
+    n = min(n, len(blocks))
+    if n == 1:
+        return [work(blocks)]
+    return list(_executor().map(work, _split(blocks, n)))
+
+
+def _per_channel(a: Array, c: int, dtype: np.dtype) -> np.ndarray:
+    """A per-channel array as (1, C, 1) in `dtype`."""
+    return np.asarray(a, dtype=dtype).reshape(1, c, 1)
+
+
+def _scratch(dtype: np.dtype) -> np.ndarray:
+    return np.empty(_BLOCK_ELEMENTS, dtype=dtype)
+
+
+def _as(buf: np.ndarray, like: np.ndarray) -> np.ndarray:
+    return buf[: like.size].reshape(like.shape)
+
+
+def _sums(d: np.ndarray, ones: np.ndarray) -> np.ndarray:
+    """Per-channel sums of a float32/float64 (a, c, b) block, as (c,).
+
+    A matrix-vector product with a vector of ones: BLAS sums several times
+    faster than ``np.sum`` over these strided boxes.
+    """
+    a, c, b = d.shape
+    sums: np.ndarray = (
+        ones[:a] @ d.reshape(a, c) if b == 1 else (d @ ones[:b]).sum(axis=0)
+    )
+    return sums
+
+
+def _dots(d: np.ndarray, e: np.ndarray, ones: np.ndarray) -> np.ndarray:
+    """Per-channel sums of ``d * e`` of two (a, c, b) blocks, as (c,); may overwrite `d`."""
+    a, c, b = d.shape
+    if b == 1:
+        np.multiply(d, e, out=d)
+        sums: np.ndarray = ones[:a] @ d.reshape(a, c)
+    else:
+        sums = _vecdot(d, e).sum(axis=0)
+    return sums
+
+
+def batch_stats(
+    x: Array, reduce_axes: tuple[int, ...], *, xp: Namespace
+) -> tuple[Array, Array]:
+    """Per-channel mean and biased variance: see :func:`bnarray._math.batch_stats`.
+
+    One pass over memory: each block's deviations from a per-channel shift
+    (the mean of a first sample of the channel) are summed, and squared and
+    summed, from cache; block sums are accumulated in float64. The shift is
+    within a few standard deviations of the mean, so E[d²] − E[d]² does not
+    cancel the way E[x²] − E[x]² does.
+    """
+    channel_shape = _channel_shape(x, reduce_axes)
+    x3 = _view3(x, channel_shape)
+    if x3 is None:
+        return _math.batch_stats(x, reduce_axes, xp=xp)
+    dtype = np.promote_types(x.dtype, np.float32)  # _math.compute_dtype
+    a, c, b = x3.shape
+    sample = x3[: max(1, min(a, 64 // b)), :, : min(b, 4096)]
+    shift = sample.mean(axis=(0, 2), dtype=np.float64).astype(dtype).reshape(1, c, 1)
+
+    def work(blocks: list[tuple[slice, slice, slice]]) -> np.ndarray:
+        sums = np.zeros((2, c), dtype=np.float64)
+        buf = _scratch(dtype)
+        ones = np.ones(_BLOCK_ELEMENTS, dtype=dtype)
+        for ia, ic, ib in blocks:
+            xb = x3[ia, ic, ib]
+            d = np.subtract(xb, shift[:, ic], out=_as(buf, xb), dtype=dtype)
+            sums[0, ic] += _sums(d, ones)
+            sums[1, ic] += _dots(d, d, ones)
+        return sums
+
+    sums = sum(_run(work, x3.shape))
+    m = a * b
+    dmean = sums[0] / m
+    var = np.maximum(sums[1] / m - dmean * dmean, 0.0)
+    mean = shift.reshape(c) + dmean
+    return mean.astype(dtype).reshape(channel_shape), var.astype(dtype).reshape(
+        channel_shape
+    )
+
+
+def normalize(
+    x: Array, mean: Array, scale: Array, shift: Array | None, *, xp: Namespace
+) -> Array:
+    """``(x - mean) * scale + shift``: see :func:`bnarray._math.normalize`."""
+    x3 = _view3(x, tuple(mean.shape))
+    if x3 is None:
+        return _math.normalize(x, mean, scale, shift, xp=xp)
+    dtype = np.dtype(mean.dtype)
+    c = x3.shape[1]
+    mean3 = _per_channel(mean, c, dtype)
+    scale3 = _per_channel(scale, c, dtype)
+    shift3 = None if shift is None else _per_channel(shift, c, dtype)
+    y = np.empty_like(x)
+    y3 = y.reshape(x3.shape)
+    direct = x.dtype == dtype  # else compute in a float32 scratch block
+
+    def work(blocks: list[tuple[slice, slice, slice]]) -> None:
+        buf = None if direct else _scratch(dtype)
+        for ia, ic, ib in blocks:
+            xb, yb = x3[ia, ic, ib], y3[ia, ic, ib]
+            t = yb if buf is None else _as(buf, xb)
+            np.subtract(xb, mean3[:, ic], out=t, dtype=dtype)
+            if shift3 is None:
+                np.multiply(t, scale3[:, ic], out=yb)
+            else:
+                np.multiply(t, scale3[:, ic], out=t)
+                np.add(t, shift3[:, ic], out=yb)
+
+    _run(work, x3.shape)
+    return y
+
+
+def grad_sums(
+    dy: Array, x: Array, mean: Array, reduce_axes: tuple[int, ...], *, xp: Namespace
+) -> tuple[Array, Array]:
+    """Per-channel ``Σ dy`` and ``Σ dy · (x - mean)``: see :func:`bnarray._math.grad_sums`."""
+    channel_shape = _channel_shape(x, reduce_axes)
+    x3 = _view3(x, channel_shape)
+    dy3 = _view3(dy, channel_shape)
+    if x3 is None or dy3 is None or dy.dtype != x.dtype:
+        return _math.grad_sums(dy, x, mean, reduce_axes, xp=xp)
+    dtype = np.dtype(mean.dtype)
+    c = x3.shape[1]
+    mean3 = _per_channel(mean, c, dtype)
+    direct = x.dtype == dtype
+
+    def work(blocks: list[tuple[slice, slice, slice]]) -> np.ndarray:
+        sums = np.zeros((2, c), dtype=np.float64)
+        buf = _scratch(dtype)
+        dy_buf = None if direct else _scratch(dtype)
+        ones = np.ones(_BLOCK_ELEMENTS, dtype=dtype)
+        for ia, ic, ib in blocks:
+            xb, dyb = x3[ia, ic, ib], dy3[ia, ic, ib]
+            if dy_buf is not None:  # BLAS has no float16: upcast the block once
+                upcast = _as(dy_buf, dyb)
+                np.copyto(upcast, dyb)
+                dyb = upcast
+            sums[0, ic] += _sums(dyb, ones)
+            t = np.subtract(xb, mean3[:, ic], out=_as(buf, xb), dtype=dtype)
+            sums[1, ic] += _dots(t, dyb, ones)
+        return sums
+
+    sums = sum(_run(work, x3.shape))
+    return (
+        sums[0].astype(dtype).reshape(channel_shape),
+        sums[1].astype(dtype).reshape(channel_shape),
+    )
+
+
+def grad_input(
+    dy: Array,
+    x: Array,
+    mean: Array,
+    dy_scale: Array,
+    xc_scale: Array | None,
+    shift: Array | None,
+    *,
+    xp: Namespace,
+) -> Array:
+    """``dy * dy_scale + (x - mean) * xc_scale + shift``: see
+    :func:`bnarray._math.grad_input`."""
+    x3 = _view3(x, tuple(mean.shape))
+    dy3 = _view3(dy, tuple(mean.shape))
+    if x3 is None or dy3 is None or dy.dtype != x.dtype:
+        return _math.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp)
+    dtype = np.dtype(mean.dtype)
+    c = x3.shape[1]
+    mean3 = _per_channel(mean, c, dtype)
+    dy_scale3 = _per_channel(dy_scale, c, dtype)
+    xc_scale3 = None if xc_scale is None else _per_channel(xc_scale, c, dtype)
+    shift3 = None if shift is None else _per_channel(shift, c, dtype)
+    dx = np.empty_like(x)
+    dx3 = dx.reshape(x3.shape)
+    direct = x.dtype == dtype
+
+    def work(blocks: list[tuple[slice, slice, slice]]) -> None:
+        buf = _scratch(dtype)
+        acc_buf = None if direct else _scratch(dtype)
+        for ia, ic, ib in blocks:
+            xb, dyb, dxb = x3[ia, ic, ib], dy3[ia, ic, ib], dx3[ia, ic, ib]
+            acc = dxb if acc_buf is None else _as(acc_buf, xb)
+            last = xc_scale3 is None and shift3 is None
+            np.multiply(dyb, dy_scale3[:, ic], out=dxb if last else acc, dtype=dtype)
+            if xc_scale3 is not None:
+                t = np.subtract(xb, mean3[:, ic], out=_as(buf, xb), dtype=dtype)
+                np.multiply(t, xc_scale3[:, ic], out=t)
+                np.add(acc, t, out=dxb if shift3 is None else acc)
+            if shift3 is not None:
+                np.add(acc, shift3[:, ic], out=dxb)
+
+    _run(work, x3.shape)
+    return dx

@@ -1,0 +1,210 @@
+"""The NumPy fast path gives what the generic array-API path gives."""
+
+from __future__ import annotations
+
+import array_api_compat.numpy as np_compat
+import numpy as np
+import pytest
+
+import bnarray as bn
+from bnarray import _math
+from bnarray._fast import FORCE_GENERIC_ENV, _numpy, kernels_for
+
+# (shape, axis): 2-D to 5-D, channels first and last, negative and tuple axes,
+# sizes that are not multiples of the block size, more than one block per
+# thread, a row longer than a block, and layouts that fall back to _math.
+LAYOUTS = [
+    ((1000, 7), -1),
+    ((7, 1001), 0),
+    ((300, 5), 1),
+    ((5, 37, 301), 1),
+    ((129, 11, 3), -1),
+    ((3, 37, 41, 43), 1),
+    ((3, 41, 43, 37), -1),
+    ((3, 37, 41, 43), -3),
+    ((2, 5, 7, 9, 11), 1),
+    ((2, 7, 9, 11, 5), -1),
+    ((2, 3, 140_001), 1),
+    ((4, 5, 6, 70), (1, 2)),
+    ((4, 5, 6, 70), (0, 2)),
+    ((4, 5, 6, 70), (-3, -1)),
+]
+DTYPES = [np.float64, np.float32, np.float16]
+# |fast - generic| <= TOL * max|generic| per output: a few roundings of the dtype.
+TOL = {np.float64: 1e-11, np.float32: 1e-5, np.float16: 4e-3}
+
+
+def _channel_shape(shape, axis):
+    kept = (axis,) if isinstance(axis, int) else axis
+    return tuple(shape[a] for a in kept)
+
+
+def _inputs(shape, axis, dtype, *, seed=0):
+    rng = np.random.default_rng(seed)
+    cs = _channel_shape(shape, axis)
+    x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 1.5, cs).astype(dtype)
+    b = rng.standard_normal(cs).astype(dtype)
+    rm = rng.standard_normal(cs).astype(dtype)
+    rv = rng.uniform(0.5, 2.0, cs).astype(dtype)
+    return x, dy, w, b, rm, rv
+
+
+def _run(x, dy, w, b, rm, rv, *, axis, training):
+    kwargs = (
+        {} if training else {"training": False, "running_mean": rm, "running_var": rv}
+    )
+    y, ctx = bn.batch_norm_forward(x, w, b, axis=axis, **kwargs)
+    dx, dw, db = bn.batch_norm_backward(dy, ctx)
+    return {"y": y, "mean": ctx.mean, "var": ctx.var, "dx": dx, "dw": dw, "db": db}
+
+
+def _assert_matches(fast, generic, dtype):
+    for name, expected in generic.items():
+        actual = fast[name]
+        assert actual.dtype == expected.dtype, (name, actual.dtype, expected.dtype)
+        assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+        a, e = actual.astype(np.float64), expected.astype(np.float64)
+        scale = max(float(np.max(np.abs(e))), 1e-30)
+        err = float(np.max(np.abs(a - e))) / scale
+        assert err <= TOL[dtype], (name, err)
+
+
+@pytest.mark.parametrize(("shape", "axis"), LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_fast_path_matches_generic_path(
+    monkeypatch, shape, axis, dtype, training, affine
+):
+    x, dy, w, b, rm, rv = _inputs(shape, axis, dtype)
+    if not affine:
+        w = b = None
+    fast = _run(x, dy, w, b, rm, rv, axis=axis, training=training)
+    monkeypatch.setenv(FORCE_GENERIC_ENV, "1")
+    generic = _run(x, dy, w, b, rm, rv, axis=axis, training=training)
+    _assert_matches(fast, generic, dtype)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((3, 37, 41, 43), 1), ((3, 41, 43, 37), -1)]
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_path_matches_float64_reference(shape, axis, dtype):
+    x, dy, w, b, _, _ = _inputs(shape, axis, dtype)
+    out = _run(x, dy, w, b, None, None, axis=axis, training=True)
+    reduce_axes = tuple(a for a in range(len(shape)) if a != axis % len(shape))
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    mean = x64.mean(axis=reduce_axes, keepdims=True)
+    var = x64.var(axis=reduce_axes, keepdims=True)
+    xhat = (x64 - mean) / np.sqrt(var + 1e-5)
+    gamma = np.expand_dims(w.astype(np.float64), reduce_axes)
+    m = x.size // x.shape[axis]
+    sum_dy = dy64.sum(axis=reduce_axes, keepdims=True)
+    sum_dy_xhat = (dy64 * xhat).sum(axis=reduce_axes, keepdims=True)
+    dx = gamma / np.sqrt(var + 1e-5) / m * (m * dy64 - sum_dy - xhat * sum_dy_xhat)
+    expected = {
+        "mean": mean.ravel(),
+        "var": var.ravel(),
+        "y": xhat * gamma + np.expand_dims(b.astype(np.float64), reduce_axes),
+        "dx": dx,
+        "dw": sum_dy_xhat.ravel(),
+        "db": sum_dy.ravel(),
+    }
+    for name, e in expected.items():
+        err = float(
+            np.max(np.abs(out[name].astype(np.float64) - e)) / np.max(np.abs(e))
+        )
+        assert err <= TOL[dtype], (name, err)
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((64, 8, 1000), 1), ((64, 1000, 8), -1)])
+def test_statistics_stay_accurate_for_a_large_mean(shape, axis):
+    rng = np.random.default_rng(3)
+    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
+    _, ctx = bn.batch_norm_forward(x, axis=axis)
+    reduce_axes = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+    var = x.astype(np.float64).var(axis=reduce_axes)
+    mean = x.astype(np.float64).mean(axis=reduce_axes)
+    assert ctx.var.dtype == np.float32
+    np.testing.assert_allclose(ctx.var, var, rtol=1e-3)
+    np.testing.assert_allclose(ctx.mean, mean, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((3, 37, 41, 43), 1), ((3, 41, 43, 37), -1)]
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_fast_path_never_writes_inputs_nor_returns_views_of_them(
+    shape, axis, dtype, training
+):
+    arrays = _inputs(shape, axis, dtype)
+    copies = [a.copy() for a in arrays]
+    for a in arrays:
+        a.flags.writeable = False
+    out = _run(*arrays, axis=axis, training=training)
+    for a, c in zip(arrays, copies, strict=True):
+        np.testing.assert_array_equal(a, c)
+    for name in ("y", "dx"):
+        for a in arrays[:2]:
+            assert not np.shares_memory(out[name], a), name
+    assert not np.shares_memory(out["y"], out["dx"])
+
+
+def test_non_contiguous_input_matches_generic_path(monkeypatch):
+    x, dy, w, b, _, _ = _inputs((43, 41, 37, 3), 2, np.float32)
+    xt, dyt = x.transpose(3, 2, 1, 0), dy.transpose(3, 2, 1, 0)
+    fast = _run(xt, dyt, w, b, None, None, axis=1, training=True)
+    monkeypatch.setenv(FORCE_GENERIC_ENV, "1")
+    generic = _run(xt, dyt, w, b, None, None, axis=1, training=True)
+    _assert_matches(fast, generic, np.float32)
+
+
+def test_numpy_arrays_get_the_numpy_kernels(monkeypatch):
+    monkeypatch.delenv(FORCE_GENERIC_ENV, raising=False)
+    assert kernels_for(np_compat) is _numpy
+    monkeypatch.setenv(FORCE_GENERIC_ENV, "0")
+    assert kernels_for(np_compat) is _numpy
+
+
+def test_environment_variable_forces_the_generic_kernels(monkeypatch):
+    monkeypatch.setenv(FORCE_GENERIC_ENV, "1")
+    assert kernels_for(np_compat) is _math
+
+
+def test_other_namespaces_get_the_generic_kernels(monkeypatch):
+    strict = pytest.importorskip("array_api_strict")
+    monkeypatch.delenv(FORCE_GENERIC_ENV, raising=False)
+    assert kernels_for(strict) is _math
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(3, 37, 1763), (12_000, 37, 1), (2, 3, 140_001), (1, 1, 5), (5, 300_000, 1)],
+)
+def test_blocks_tile_the_array_exactly_once(shape):
+    covered = np.zeros(shape, dtype=np.int8)
+    for box in _numpy._blocks(shape):
+        covered[box] += 1
+    assert (covered == 1).all()
+
+
+@pytest.mark.parametrize(("shape", "axis"), LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_cupy_fast_path_matches_generic_path(monkeypatch, shape, axis, dtype, training):
+    cupy = pytest.importorskip("cupy")
+    if not cupy.is_available():
+        pytest.skip("CuPy is installed but no CUDA device is available")
+    arrays = [cupy.asarray(a) for a in _inputs(shape, axis, dtype)]
+    monkeypatch.delenv(FORCE_GENERIC_ENV, raising=False)
+    fast = _run(*arrays, axis=axis, training=training)
+    monkeypatch.setenv(FORCE_GENERIC_ENV, "1")
+    generic = _run(*arrays, axis=axis, training=training)
+    _assert_matches(
+        {k: cupy.asnumpy(v) for k, v in fast.items()},
+        {k: cupy.asnumpy(v) for k, v in generic.items()},
+        dtype,
+    )
