@@ -24,6 +24,9 @@ _BLOCK_ELEMENTS = 1 << 17
 # Arrays smaller than this many elements run on the calling thread only.
 _THREADED_MIN_ELEMENTS = 1 << 17
 
+# Runs of consecutive blocks per thread (for load balance).
+_RUNS_PER_THREAD = 4
+
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -118,8 +121,10 @@ def _run(
 ) -> list[Any]:
     """Run `work` over the blocks of an (A, C, B) array, split among threads.
 
-    NumPy's ufuncs release the GIL, so the threads stream their blocks in
-    parallel; each returns its own partial result.
+    NumPy's ufuncs and BLAS release the GIL, so the threads stream their
+    blocks in parallel. The blocks are dealt in a few runs per thread, so a
+    thread slowed by other work on the machine does not hold up the rest;
+    each run returns its own partial result.
     """
     blocks = _blocks(shape)
     n = (
@@ -130,7 +135,7 @@ def _run(
     n = min(n, len(blocks))
     if n == 1:
         return [work(blocks)]
-    return list(_executor().map(work, _split(blocks, n)))
+    return list(_executor().map(work, _split(blocks, _RUNS_PER_THREAD * n)))
 
 
 def _per_channel(a: Array, c: int, dtype: np.dtype) -> np.ndarray:

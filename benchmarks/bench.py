@@ -1,0 +1,369 @@
+"""Time bnarray's NumPy kernels against PyTorch CPU and the machine's copy bandwidth.
+
+Run with ``nox -s bench`` (``nox -s bench -- --quick`` for a short run), or
+directly with ``python benchmarks/bench.py`` in an environment that has
+bnarray, NumPy and PyTorch.
+
+For every shape, layout (NCHW with ``axis=1``, NHWC with ``axis=-1``) and dtype
+it times, as the median over repeated runs after a warm-up:
+
+- ``fwd``: training forward (batch statistics, normalize, running-stat update);
+- ``bwd``: training backward (dx, dweight, dbias) given the forward's context;
+- ``fwd+bwd``: both;
+- ``infer``: inference forward with running statistics;
+
+for three implementations: bnarray's NumPy fast path (``bnarray``), bnarray's
+generic array-API path (``generic``, with ``BNARRAY_GENERIC=1``) and PyTorch's
+``F.batch_norm`` with autograd (``torch``, with as many threads as bnarray uses;
+channels-last tensors for NHWC). The roof is the time the memory traffic of an
+operation would take at the bandwidth of a large NumPy copy: the training
+forward reads x twice and writes y, the backward reads x and dy twice and
+writes dx, inference reads x and writes y. "Extra memory" is the peak of
+NumPy allocations during the call beyond its outputs (traced with
+:mod:`tracemalloc`; not available for PyTorch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import bnarray as bn
+from bnarray._fast import FORCE_GENERIC_ENV
+from bnarray._fast import _numpy as fast_numpy
+
+SHAPES = [(32, 64, 56, 56), (256, 256, 14, 14), (64, 128, 56, 56)]
+QUICK_SHAPES = [(32, 64, 56, 56)]
+LAYOUTS = {"NCHW": 1, "NHWC": -1}
+DTYPES = ["float32", "float16"]
+OPS = ["fwd", "bwd", "fwd+bwd", "infer"]
+# Full-size arrays each operation must move: reads + writes, in units of x.nbytes.
+TRAFFIC = {"fwd": 3, "bwd": 5, "fwd+bwd": 8, "infer": 2}
+
+
+def median_times(
+    fns: dict[str, Callable[[], Any]], *, repeat: int, warmup: int
+) -> dict[str, float]:
+    """Median wall time of each function in seconds.
+
+    The functions take turns, round after round, so that a change in the
+    machine's load during the run affects all of them alike.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def copy_bandwidth(*, nbytes: int = 1 << 28, repeat: int = 7) -> float:
+    """Bytes per second (read + write) of a large NumPy copy."""
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    t = median_times({"copy": lambda: np.copyto(dst, src)}, repeat=repeat, warmup=2)
+    return 2 * nbytes / t["copy"]
+
+
+def extra_memory(fn: Callable[[], Any]) -> int:
+    """Peak NumPy memory allocated by `fn` beyond the arrays it returns, in bytes."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        out = fn()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    kept = sum(a.nbytes for a in out if isinstance(a, np.ndarray))
+    return max(0, peak - base - kept)
+
+
+def numpy_case(
+    x: np.ndarray, dy: np.ndarray, axis: int
+) -> dict[str, Callable[[], Any]]:
+    """The four operations on bnarray's public API, returning their full-size outputs."""
+    c = x.shape[axis]
+    rng = np.random.default_rng(1)
+    w = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    _, ctx = bn.batch_norm_forward(x, w, b, axis=axis)
+
+    def fwd() -> tuple[Any, ...]:
+        y, ctx = bn.batch_norm_forward(x, w, b, axis=axis)
+        bn.update_running_stats(rm, rv, ctx)
+        return (y,)
+
+    def bwd() -> tuple[Any, ...]:
+        dx, _, _ = bn.batch_norm_backward(dy, ctx)
+        return (dx,)
+
+    def fwd_bwd() -> tuple[Any, ...]:
+        y, ctx = bn.batch_norm_forward(x, w, b, axis=axis)
+        bn.update_running_stats(rm, rv, ctx)
+        dx, _, _ = bn.batch_norm_backward(dy, ctx)
+        return (y, dx)
+
+    def infer() -> tuple[Any, ...]:
+        y, _ = bn.batch_norm_forward(
+            x, w, b, axis=axis, training=False, running_mean=rm, running_var=rv
+        )
+        return (y,)
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd, "infer": infer}
+
+
+def torch_case(
+    torch: Any, x: np.ndarray, dy: np.ndarray, axis: int
+) -> dict[str, Callable[[], Any]]:
+    """The same operations with ``torch.nn.functional.batch_norm`` and autograd."""
+    functional = torch.nn.functional
+    c = x.shape[axis]
+
+    def tensor(a: np.ndarray) -> Any:
+        t = torch.from_numpy(a)
+        # NHWC memory seen as an NCHW tensor is PyTorch's channels_last format.
+        return t.permute(0, 3, 1, 2) if axis == -1 else t
+
+    xt = tensor(x).requires_grad_(True)
+    dyt = tensor(dy)
+    rng = np.random.default_rng(1)
+    w = torch.from_numpy(rng.uniform(0.5, 1.5, c).astype(np.float32)).requires_grad_(
+        True
+    )
+    b = torch.from_numpy(rng.standard_normal(c).astype(np.float32)).requires_grad_(True)
+    rm, rv = torch.zeros(c), torch.ones(c)
+
+    def forward() -> Any:
+        return functional.batch_norm(
+            xt, rm, rv, w, b, training=True, momentum=0.1, eps=1e-5
+        )
+
+    y_kept = forward()
+
+    def fwd() -> tuple[Any, ...]:
+        return (forward(),)
+
+    def bwd() -> tuple[Any, ...]:
+        return torch.autograd.grad(y_kept, [xt, w, b], dyt, retain_graph=True)
+
+    def fwd_bwd() -> tuple[Any, ...]:
+        y = forward()
+        return (y, *torch.autograd.grad(y, [xt, w, b], dyt))
+
+    def infer() -> tuple[Any, ...]:
+        with torch.no_grad():
+            return (functional.batch_norm(xt, rm, rv, w, b, training=False, eps=1e-5),)
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd, "infer": infer}
+
+
+def generic(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` run with bnarray's generic array-API kernels instead of the NumPy ones."""
+
+    def wrapped() -> Any:
+        os.environ[FORCE_GENERIC_ENV] = "1"
+        try:
+            return fn()
+        finally:
+            del os.environ[FORCE_GENERIC_ENV]
+
+    return wrapped
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError:
+        torch = None
+        print("PyTorch not installed: timing bnarray only", file=sys.stderr)
+    threads = fast_numpy._num_threads()
+    if torch is not None:
+        torch.set_num_threads(threads)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    dtypes = ["float32"] if args.quick else DTYPES
+    repeat = args.repeat or (3 if args.quick else 7)
+    load_before = os.getloadavg()[0]
+    bandwidth = copy_bandwidth()
+    print(
+        f"{cpu_name()}, {threads} threads, NumPy {np.__version__}"
+        + (f", PyTorch {torch.__version__}" if torch is not None else "")
+        + f"; copy bandwidth {bandwidth / 1e9:.1f} GB/s; median of {repeat}"
+    )
+    results = []
+    rng = np.random.default_rng(0)
+    for nchw in shapes:
+        for layout, axis in LAYOUTS.items():
+            shape = nchw if axis == 1 else (nchw[0], nchw[2], nchw[3], nchw[1])
+            for dtype in dtypes:
+                x = (rng.standard_normal(shape, dtype=np.float32) * 2 + 3).astype(dtype)
+                dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+                fns = numpy_case(x, dy, axis)
+                cases = {
+                    "bnarray": fns,
+                    "generic": {k: generic(f) for k, f in fns.items()},
+                }
+                if torch is not None:
+                    cases["torch"] = torch_case(torch, x, dy, axis)
+                for op in OPS:
+                    row: dict[str, Any] = {
+                        "shape": list(nchw),
+                        "layout": layout,
+                        "dtype": dtype,
+                        "op": op,
+                        "input_mb": x.nbytes / 1e6,
+                        "roof_ms": 1e3 * TRAFFIC[op] * x.nbytes / bandwidth,
+                    }
+                    ops = {impl: fns[op] for impl, fns in cases.items()}
+                    warmup = 1 if x.nbytes > 50e6 else 2
+                    for impl, t in median_times(
+                        ops, repeat=repeat, warmup=warmup
+                    ).items():
+                        row[f"{impl}_ms"] = 1e3 * t
+                    for impl in ("bnarray", "generic"):
+                        row[f"{impl}_extra_mb"] = extra_memory(ops[impl]) / 1e6
+                    results.append(row)
+                    print_row(row, header=len(results) == 1)
+    return {
+        "date": datetime.date.today().isoformat(),
+        "machine": {
+            "cpu": cpu_name(),
+            "threads": threads,
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "torch": None if torch is None else torch.__version__,
+            "copy_bandwidth_gbs": bandwidth / 1e9,
+            # Other work on the machine slows every implementation; they take
+            # turns, so the ratios suffer less than the times.
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg()[0],
+        },
+        "repeat": repeat,
+        "results": results,
+    }
+
+
+COLUMNS = (
+    f"{'shape':<16}{'layout':<7}{'dtype':<8}{'op':<8}{'torch ms':>9}"
+    f"{'bnarray ms':>11}{'x torch':>8}{'% roof':>7}{'extra MB':>9}"
+    f"{'generic ms':>11}{'x torch':>8}{'extra MB':>9}{'roof ms':>8}"
+)
+
+
+def ratio(row: dict[str, Any], impl: str) -> float | None:
+    if "torch_ms" not in row:
+        return None
+    return row[f"{impl}_ms"] / row["torch_ms"]
+
+
+def print_row(row: dict[str, Any], *, header: bool) -> None:
+    if header:
+        print(COLUMNS)
+        print("-" * len(COLUMNS))
+
+    def fmt(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    shape = "x".join(map(str, row["shape"]))
+    print(
+        f"{shape:<16}{row['layout']:<7}{row['dtype']:<8}{row['op']:<8}"
+        f"{fmt(row.get('torch_ms'), '.2f'):>9}{row['bnarray_ms']:>11.2f}"
+        f"{fmt(ratio(row, 'bnarray'), '.2f'):>8}"
+        f"{100 * row['roof_ms'] / row['bnarray_ms']:>7.0f}{row['bnarray_extra_mb']:>9.1f}"
+        f"{row['generic_ms']:>11.2f}{fmt(ratio(row, 'generic'), '.2f'):>8}"
+        f"{row['generic_extra_mb']:>9.1f}{row['roof_ms']:>8.2f}",
+        flush=True,
+    )
+
+
+def summarize(data: dict[str, Any]) -> None:
+    """Print the NumPy targets: fwd+bwd time against PyTorch, roof, extra memory."""
+    rows = data["results"]
+    print("\nTargets (NumPy fast path):")
+    for layout, limit in [("NCHW", 0.6), ("NHWC", 1.0)]:
+        worst = max(
+            (
+                ratio(r, "bnarray") or 0.0
+                for r in rows
+                if r["layout"] == layout and r["op"] == "fwd+bwd"
+            ),
+            default=None,
+        )
+        if worst:
+            verdict = "met" if worst <= limit else "NOT met"
+            print(
+                f"  fwd+bwd {layout}: worst {worst:.2f}x torch (target <= {limit}x): {verdict}"
+            )
+    big = [r for r in rows if r["input_mb"] > 100]
+    if big:
+        worst_roof = min(
+            100 * r["roof_ms"] / r["bnarray_ms"] for r in big if r["op"] != "infer"
+        )
+        verdict = "met" if worst_roof >= 60 else "NOT met"
+        print(
+            f"  % of copy roof, {big[0]['input_mb']:.0f} MB inputs: worst {worst_roof:.0f} % (target >= 60 %): {verdict}"
+        )
+    worst_mem = max(r["bnarray_extra_mb"] / r["input_mb"] for r in rows)
+    verdict = "met" if worst_mem <= 1 else "NOT met"
+    print(f"  extra memory: worst {worst_mem:.2f}x the input (target <= 1x): {verdict}")
+    worst_generic = max((ratio(r, "generic") or 0.0 for r in rows), default=0.0)
+    verdict = "met" if worst_generic <= 2.5 else "NOT met"
+    print(
+        f"  generic path: worst {worst_generic:.2f}x torch (target <= 2.5x): {verdict}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="one shape, float32, 3 repeats"
+    )
+    parser.add_argument("--repeat", type=int, default=0, help="timed runs per case")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="where to write the results (default: benchmarks/results.json, "
+        "or results-quick.json with --quick)",
+    )
+    args = parser.parse_args(argv)
+    if args.json is None:
+        name = "results-quick.json" if args.quick else "results.json"
+        args.json = Path(__file__).with_name(name)
+    data = run(args)
+    summarize(data)
+    args.json.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

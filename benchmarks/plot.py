@@ -1,0 +1,74 @@
+"""Plot the benchmark's JSON results: time relative to PyTorch CPU, per case."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+HERE = Path(__file__).parent
+DEFAULT_JSON = HERE / "results.json"
+DEFAULT_PNG = HERE.parent / "docs" / "_static" / "benchmarks" / "cpu.png"
+OPS = ["fwd", "bwd", "fwd+bwd", "infer"]
+
+
+def plot(data: dict, out: Path) -> None:
+    rows = data["results"]
+    cases = sorted(
+        {(tuple(r["shape"]), r["layout"], r["dtype"]) for r in rows},
+        key=lambda c: (c[1], c[2], c[0]),
+    )
+    fig, axes = plt.subplots(
+        1, len(OPS), figsize=(4 * len(OPS), 0.45 * len(cases) + 1.6)
+    )
+    labels = ["x".join(map(str, s)) + f" {lay} {dt}" for s, lay, dt in cases]
+    for ax, op in zip(axes, OPS, strict=True):
+        by_case = {
+            (tuple(r["shape"]), r["layout"], r["dtype"]): r
+            for r in rows
+            if r["op"] == op
+        }
+        ys = range(len(cases))
+        for offset, impl, color in [(-0.2, "bnarray", "C0"), (0.2, "generic", "C7")]:
+            values = [by_case[c][f"{impl}_ms"] / by_case[c]["torch_ms"] for c in cases]
+            ax.barh(
+                [y + offset for y in ys], values, height=0.4, color=color, label=impl
+            )
+        roof = [by_case[c]["roof_ms"] / by_case[c]["torch_ms"] for c in cases]
+        ax.scatter(
+            roof, list(ys), marker="|", s=120, color="k", label="copy roof", zorder=3
+        )
+        ax.axvline(1.0, color="C3", lw=1)
+        ax.set_title(op)
+        ax.set_xlabel("time / PyTorch CPU time")
+        ax.set_yticks(list(ys))
+        ax.set_yticklabels(labels if op == OPS[0] else [])
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].legend(loc="lower right", fontsize="small")
+    machine = data["machine"]
+    fig.suptitle(
+        f"bnarray vs PyTorch {machine['torch']} CPU, {machine['cpu']}, "
+        f"{machine['threads']} threads, {data['date']} (lower is faster)"
+    )
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("json", type=Path, nargs="?", default=DEFAULT_JSON)
+    parser.add_argument("png", type=Path, nargs="?", default=DEFAULT_PNG)
+    args = parser.parse_args(argv)
+    plot(json.loads(args.json.read_text()), args.png)
+
+
+if __name__ == "__main__":
+    main()
