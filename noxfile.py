@@ -72,3 +72,16 @@ def tests_demo(session: nox.Session) -> None:
     """The demo's own test: a --quick run gives complete, sane results and plots."""
     session.install(".[test]", "-r", "examples/requirements.txt")
     session.run("pytest", "tests/test_demo.py", "--backends=numpy", *session.posargs)
+
+
+@nox.session(python="3.11", default=False)
+def bench(session: nox.Session) -> None:
+    """Time the NumPy kernels against PyTorch CPU and the copy roof (`-- --quick`: 1 min).
+
+    Prints the table and writes benchmarks/results.json; a full run also redraws
+    the plot of docs/benchmarks.md.
+    """
+    session.install(".", TORCH, "matplotlib")
+    session.run("python", "benchmarks/bench.py", *session.posargs)
+    if "--quick" not in session.posargs:
+        session.run("python", "benchmarks/plot.py")
