@@ -12,12 +12,12 @@ PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 # PyTorch 2.13.0 for Python 3.11 is the CPU build on this project's machines;
 # other versions or interpreters pull multi-GB CUDA builds.
 TORCH = "torch==2.13.0"
+# The floor of the `dependencies` in pyproject.toml, tested by `tests-oldest`.
+OLDEST = ["numpy==1.26.0", "array-api-compat==1.13.0"]
 
 
 def _pytest(session: nox.Session, backends: str, *args: str) -> None:
-    session.run(
-        "pytest", f"--backends={backends}", *args, *session.posargs
-    )
+    session.run("pytest", f"--backends={backends}", *args, *session.posargs)
 
 
 @nox.session(name="tests-numpy", python=PYTHONS)
@@ -32,6 +32,43 @@ def tests_strict(session: nox.Session) -> None:
     """The test suite on array-api-strict, including its second device."""
     session.install(".[test]")
     _pytest(session, "array_api_strict")
+
+
+@nox.session(name="tests-torch", python="3.11")
+def tests_torch(session: nox.Session) -> None:
+    """The test suite on PyTorch CPU tensors, with PyTorch's own batch norm as oracle."""
+    session.install(".[test]", TORCH)
+    _pytest(session, "torch")
+
+
+@nox.session(name="tests-jax", python="3.11")
+def tests_jax(session: nox.Session) -> None:
+    """The test suite on JAX (CPU, float64 enabled, two host devices), plus jit and grad."""
+    session.install(".[test]", "jax")
+    # Two CPU devices, so that mixing devices can be tested without a GPU.
+    session.env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    _pytest(session, "jax")
+
+
+@nox.session(name="tests-dask", python="3.11")
+def tests_dask(session: nox.Session) -> None:
+    """The test suite on chunked Dask arrays, plus laziness and a local cluster."""
+    session.install(".[test]", "dask[array]", "distributed")
+    _pytest(session, "dask")
+
+
+@nox.session(name="tests-cupy", python="3.11", default=False)
+def tests_cupy(session: nox.Session) -> None:
+    """The test suite on CuPy arrays on a GPU; skips, with the reason, without one."""
+    session.install(".[test]", "cupy-cuda12x")
+    _pytest(session, "cupy")
+
+
+@nox.session(name="tests-oldest", python="3.11")
+def tests_oldest(session: nox.Session) -> None:
+    """The test suite on the oldest supported NumPy and array-api-compat."""
+    session.install(".[test]", *OLDEST)
+    _pytest(session, "numpy,numpy_readonly,array_api_strict")
 
 
 @nox.session(python="3.11")
