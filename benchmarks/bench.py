@@ -66,12 +66,16 @@ def median_times(
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            gc.collect()
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    gc.collect()
+    gc.disable()  # a collection takes ~0.1 s once PyTorch is imported
+    try:
+        for _ in range(repeat):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    finally:
+        gc.enable()
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -85,7 +89,6 @@ def copy_bandwidth(*, nbytes: int = 1 << 28, repeat: int = 7) -> float:
 
 def extra_memory(fn: Callable[[], Any]) -> int:
     """Peak NumPy memory allocated by `fn` beyond the arrays it returns, in bytes."""
-    gc.collect()
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]

@@ -90,17 +90,22 @@ def _channel_shape(x: np.ndarray, reduce_axes: tuple[int, ...]) -> tuple[int, ..
     return tuple(1 if a in reduce_axes else n for a, n in enumerate(x.shape))
 
 
-def _blocks(shape: tuple[int, int, int]) -> list[tuple[slice, slice, slice]]:
-    """Boxes of about `_BLOCK_ELEMENTS` tiling an (A, C, B) array, row-major order."""
+def _block_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Extents of the boxes of about `_BLOCK_ELEMENTS` that tile an (A, C, B) array."""
     a, c, b = shape
     if b >= _BLOCK_ELEMENTS:
         nb = -(-b // _BLOCK_ELEMENTS)
-        cb, cc, ca = -(-b // nb), 1, 1
-    else:
-        cb = b
-        cc = max(1, min(c, _BLOCK_ELEMENTS // b))
-        cc = -(-c // -(-c // cc))  # equal chunks: no thin last chunk
-        ca = max(1, _BLOCK_ELEMENTS // (cc * b)) if cc == c else 1
+        return 1, 1, -(-b // nb)
+    cc = max(1, min(c, _BLOCK_ELEMENTS // b))
+    cc = -(-c // -(-c // cc))  # equal chunks: no thin last chunk
+    ca = max(1, _BLOCK_ELEMENTS // (cc * b)) if cc == c else 1
+    return min(ca, a), cc, b
+
+
+def _blocks(shape: tuple[int, int, int]) -> list[tuple[slice, slice, slice]]:
+    """The boxes tiling an (A, C, B) array, in memory order."""
+    a, c, b = shape
+    ca, cc, cb = _block_shape(shape)
     return [
         (slice(i, min(i + ca, a)), slice(j, min(j + cc, c)), slice(k, min(k + cb, b)))
         for i in range(0, a, ca)
@@ -138,9 +143,25 @@ def _run(
     return list(_executor().map(work, _split(blocks, _RUNS_PER_THREAD * n)))
 
 
-def _per_channel(a: Array, c: int, dtype: np.dtype) -> np.ndarray:
-    """A per-channel array as (1, C, 1) in `dtype`."""
-    return np.asarray(a, dtype=dtype).reshape(1, c, 1)
+def _per_channel(v: Array, shape: tuple[int, int, int], dtype: np.dtype) -> np.ndarray:
+    """A per-channel array, ready to combine with the blocks of an (A, C, B) array.
+
+    Index it with :func:`_at`. Where it costs little memory, the values are
+    repeated to the extent of a block: NumPy runs a binary ufunc on two
+    contiguous operands about twice as fast as on a row and a per-row scalar
+    (NCHW) or on short rows and a broadcast row (NHWC).
+    """
+    a, c, b = shape
+    values = np.asarray(v, dtype=dtype).reshape(1, c, 1)
+    ca, _, cb = _block_shape(shape)
+    if cb != b or ca * c * b > max(_BLOCK_ELEMENTS, a * c * b // 16):
+        return values
+    return np.ascontiguousarray(np.broadcast_to(values, (ca, c, b)))
+
+
+def _at(values: np.ndarray, ia: slice, ic: slice) -> np.ndarray:
+    """The part of a :func:`_per_channel` array that matches block ``[ia, ic]``."""
+    return values[: ia.stop - ia.start, ic]
 
 
 def _scratch(dtype: np.dtype) -> np.ndarray:
@@ -193,7 +214,8 @@ def batch_stats(
     dtype = np.promote_types(x.dtype, np.float32)  # _math.compute_dtype
     a, c, b = x3.shape
     sample = x3[: max(1, min(a, 64 // b)), :, : min(b, 4096)]
-    shift = sample.mean(axis=(0, 2), dtype=np.float64).astype(dtype).reshape(1, c, 1)
+    shift_c = sample.mean(axis=(0, 2), dtype=np.float64).astype(dtype)
+    shift = _per_channel(shift_c, x3.shape, dtype)
 
     def work(blocks: list[tuple[slice, slice, slice]]) -> np.ndarray:
         sums = np.zeros((2, c), dtype=np.float64)
@@ -201,7 +223,7 @@ def batch_stats(
         ones = np.ones(_BLOCK_ELEMENTS, dtype=dtype)
         for ia, ic, ib in blocks:
             xb = x3[ia, ic, ib]
-            d = np.subtract(xb, shift[:, ic], out=_as(buf, xb), dtype=dtype)
+            d = np.subtract(xb, _at(shift, ia, ic), out=_as(buf, xb), dtype=dtype)
             sums[0, ic] += _sums(d, ones)
             sums[1, ic] += _dots(d, d, ones)
         return sums
@@ -210,7 +232,7 @@ def batch_stats(
     m = a * b
     dmean = sums[0] / m
     var = np.maximum(sums[1] / m - dmean * dmean, 0.0)
-    mean = shift.reshape(c) + dmean
+    mean = shift_c + dmean
     return mean.astype(dtype).reshape(channel_shape), var.astype(dtype).reshape(
         channel_shape
     )
@@ -225,9 +247,9 @@ def normalize(
         return _math.normalize(x, mean, scale, shift, xp=xp)
     dtype = np.dtype(mean.dtype)
     c = x3.shape[1]
-    mean3 = _per_channel(mean, c, dtype)
-    scale3 = _per_channel(scale, c, dtype)
-    shift3 = None if shift is None else _per_channel(shift, c, dtype)
+    mean3 = _per_channel(mean, x3.shape, dtype)
+    scale3 = _per_channel(scale, x3.shape, dtype)
+    shift3 = None if shift is None else _per_channel(shift, x3.shape, dtype)
     y = np.empty_like(x)
     y3 = y.reshape(x3.shape)
     direct = x.dtype == dtype  # else compute in a float32 scratch block
@@ -237,12 +259,12 @@ def normalize(
         for ia, ic, ib in blocks:
             xb, yb = x3[ia, ic, ib], y3[ia, ic, ib]
             t = yb if buf is None else _as(buf, xb)
-            np.subtract(xb, mean3[:, ic], out=t, dtype=dtype)
+            np.subtract(xb, _at(mean3, ia, ic), out=t, dtype=dtype)
             if shift3 is None:
-                np.multiply(t, scale3[:, ic], out=yb)
+                np.multiply(t, _at(scale3, ia, ic), out=yb)
             else:
-                np.multiply(t, scale3[:, ic], out=t)
-                np.add(t, shift3[:, ic], out=yb)
+                np.multiply(t, _at(scale3, ia, ic), out=t)
+                np.add(t, _at(shift3, ia, ic), out=yb)
 
     _run(work, x3.shape)
     return y
@@ -259,7 +281,7 @@ def grad_sums(
         return _math.grad_sums(dy, x, mean, reduce_axes, xp=xp)
     dtype = np.dtype(mean.dtype)
     c = x3.shape[1]
-    mean3 = _per_channel(mean, c, dtype)
+    mean3 = _per_channel(mean, x3.shape, dtype)
     direct = x.dtype == dtype
 
     def work(blocks: list[tuple[slice, slice, slice]]) -> np.ndarray:
@@ -274,7 +296,7 @@ def grad_sums(
                 np.copyto(upcast, dyb)
                 dyb = upcast
             sums[0, ic] += _sums(dyb, ones)
-            t = np.subtract(xb, mean3[:, ic], out=_as(buf, xb), dtype=dtype)
+            t = np.subtract(xb, _at(mean3, ia, ic), out=_as(buf, xb), dtype=dtype)
             sums[1, ic] += _dots(t, dyb, ones)
         return sums
 
@@ -303,10 +325,10 @@ def grad_input(
         return _math.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp)
     dtype = np.dtype(mean.dtype)
     c = x3.shape[1]
-    mean3 = _per_channel(mean, c, dtype)
-    dy_scale3 = _per_channel(dy_scale, c, dtype)
-    xc_scale3 = None if xc_scale is None else _per_channel(xc_scale, c, dtype)
-    shift3 = None if shift is None else _per_channel(shift, c, dtype)
+    mean3 = _per_channel(mean, x3.shape, dtype)
+    dy_scale3 = _per_channel(dy_scale, x3.shape, dtype)
+    xc_scale3 = None if xc_scale is None else _per_channel(xc_scale, x3.shape, dtype)
+    shift3 = None if shift is None else _per_channel(shift, x3.shape, dtype)
     dx = np.empty_like(x)
     dx3 = dx.reshape(x3.shape)
     direct = x.dtype == dtype
@@ -318,13 +340,13 @@ def grad_input(
             xb, dyb, dxb = x3[ia, ic, ib], dy3[ia, ic, ib], dx3[ia, ic, ib]
             acc = dxb if acc_buf is None else _as(acc_buf, xb)
             last = xc_scale3 is None and shift3 is None
-            np.multiply(dyb, dy_scale3[:, ic], out=dxb if last else acc, dtype=dtype)
+            np.multiply(dyb, _at(dy_scale3, ia, ic), out=dxb if last else acc, dtype=dtype)
             if xc_scale3 is not None:
-                t = np.subtract(xb, mean3[:, ic], out=_as(buf, xb), dtype=dtype)
-                np.multiply(t, xc_scale3[:, ic], out=t)
+                t = np.subtract(xb, _at(mean3, ia, ic), out=_as(buf, xb), dtype=dtype)
+                np.multiply(t, _at(xc_scale3, ia, ic), out=t)
                 np.add(acc, t, out=dxb if shift3 is None else acc)
             if shift3 is not None:
-                np.add(acc, shift3[:, ic], out=dxb)
+                np.add(acc, _at(shift3, ia, ic), out=dxb)
 
     _run(work, x3.shape)
     return dx
