@@ -246,7 +246,6 @@ def normalize(
     if x3 is None:
         return _math.normalize(x, mean, scale, shift, xp=xp)
     dtype = np.dtype(mean.dtype)
-    c = x3.shape[1]
     mean3 = _per_channel(mean, x3.shape, dtype)
     scale3 = _per_channel(scale, x3.shape, dtype)
     shift3 = None if shift is None else _per_channel(shift, x3.shape, dtype)
@@ -324,7 +323,6 @@ def grad_input(
     if x3 is None or dy3 is None or dy.dtype != x.dtype:
         return _math.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp)
     dtype = np.dtype(mean.dtype)
-    c = x3.shape[1]
     mean3 = _per_channel(mean, x3.shape, dtype)
     dy_scale3 = _per_channel(dy_scale, x3.shape, dtype)
     xc_scale3 = None if xc_scale is None else _per_channel(xc_scale, x3.shape, dtype)
@@ -340,7 +338,9 @@ def grad_input(
             xb, dyb, dxb = x3[ia, ic, ib], dy3[ia, ic, ib], dx3[ia, ic, ib]
             acc = dxb if acc_buf is None else _as(acc_buf, xb)
             last = xc_scale3 is None and shift3 is None
-            np.multiply(dyb, _at(dy_scale3, ia, ic), out=dxb if last else acc, dtype=dtype)
+            np.multiply(
+                dyb, _at(dy_scale3, ia, ic), out=dxb if last else acc, dtype=dtype
+            )
             if xc_scale3 is not None:
                 t = np.subtract(xb, _at(mean3, ia, ic), out=_as(buf, xb), dtype=dtype)
                 np.multiply(t, _at(xc_scale3, ia, ic), out=t)
