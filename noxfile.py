@@ -62,6 +62,14 @@ def tests_cupy(session: nox.Session) -> None:
     """The test suite on CuPy arrays on a GPU; skips, with the reason, without one."""
     session.install(".[test]", "cupy-cuda12x")
     _pytest(session, "cupy")
+    # CuPy imports without a GPU and its tests then skip: say so for the whole
+    # session rather than report a success that tested nothing on a GPU.
+    probe = "import cupy; print(cupy.is_available())"
+    if session.run("python", "-c", probe, silent=True).strip() != "True":
+        session.skip(
+            "CuPy is installed but no CUDA GPU is usable here "
+            "(cupy.is_available() is False); its tests were skipped"
+        )
 
 
 @nox.session(name="tests-oldest", python="3.11")
