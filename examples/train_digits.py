@@ -614,7 +614,7 @@ def print_tables(results: dict) -> None:
 
     n = results["config"]["seeds"]
     seeds = f"{n} seed" if n == 1 else f"{n} seeds"
-    print(f"\n1. Learning rates (3x100 sigmoid MLP, batch 60; mean of {seeds} seeds)\n")
+    print(f"\n1. Learning rates (3x100 sigmoid MLP, batch 60; mean of {seeds})\n")
     by_lr: dict[float, dict[bool, dict]] = {}
     for row in results["lr_sweep"]:
         by_lr.setdefault(row["lr"], {})[row["batch_norm"]] = row
@@ -642,7 +642,7 @@ def print_tables(results: dict) -> None:
 
     print(
         f"\n2. Batch sizes ({results['config']['epochs']} epochs each, learning rate"
-        f" proportional to the batch size; mean of {seeds} seeds)\n"
+        f" proportional to the batch size; mean of {seeds})\n"
     )
     rows = [
         [
