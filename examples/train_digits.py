@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import sys
 import time
@@ -734,6 +735,7 @@ def main(argv: list[str] | None = None) -> dict:
             "n_test": len(data.x_test),
             **{k: v for k, v in budget.__dict__.items()},
             "bnarray_version": bn.__version__,
+            "BNARRAY_GENERIC": os.environ.get("BNARRAY_GENERIC"),
             "numpy_version": np.__version__,
             "python": platform.python_version(),
             "seconds": round(time.perf_counter() - start, 1),
