@@ -132,7 +132,10 @@ class MLP:
 
     dense: list[Dense]
     norms: list[bn.BatchNorm | None]
+    # Saved by `forward` for `backward`: each hidden layer's input and output...
     cache: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    # ...and, for plotting, the input of the last hidden layer's sigmoids.
+    last_sigmoid_input: np.ndarray | None = None
 
     @classmethod
     def create(cls, *, batch_norm: bool, rng: np.random.Generator) -> MLP:
@@ -179,14 +182,13 @@ class MLP:
             a = sigmoid(z)
             self.cache.append((h, a))
             h = a
-        self.last_hidden_input = z
+        self.last_sigmoid_input = z
         out = self.dense[-1]
-        self.cache.append((h, h))
         return h @ out.w + out.b
 
     def backward(self, dlogits: np.ndarray) -> None:
         """Gradients of the loss whose gradient w.r.t. the logits is `dlogits`."""
-        h, _ = self.cache[-1]
+        _, h = self.cache[-1]
         out = self.dense[-1]
         out.grad_w = h.T @ dlogits
         out.grad_b = dlogits.sum(axis=0)
@@ -283,7 +285,7 @@ def train(
         run.test_accuracy.append(accuracy(model, data.x_test, data.y_test))
         # Input to one sigmoid of the last hidden layer, over the test set
         # (Ioffe & Szegedy 2015, Figure 1 b, c).
-        unit = model.last_hidden_input[:, 0]
+        unit = model.last_sigmoid_input[:, 0]
         run.sigmoid_input_percentiles.append(
             [float(v) for v in np.percentile(unit, [15, 50, 85])]
         )
@@ -414,7 +416,7 @@ def batch_size_sweep(data: Digits, budget: Budget, seed: int) -> tuple[list, lis
     return rows[True], rows[False]
 
 
-def eval_modes(data: Digits, budget: Budget, seed: int) -> tuple[dict, dict]:
+def eval_modes(data: Digits, budget: Budget, seed: int) -> dict:
     """One network trained with batch 60, evaluated several ways."""
     with tqdm(
         total=budget.lr_steps, desc="3/3 test-time modes", unit="step"
@@ -469,7 +471,7 @@ def eval_modes(data: Digits, budget: Budget, seed: int) -> tuple[dict, dict]:
         "train_lr": budget.eval_lr,
         "train_steps": budget.lr_steps,
     }
-    return results, {"run": run}
+    return results
 
 
 # -------------------------------------------------------------------------- plots
@@ -719,7 +721,7 @@ def main(argv: list[str] | None = None) -> dict:
     with threadpool_limits(limits=1):
         lr_rows, curves = lr_sweep(data, budget, args.seed)
         bs_rows, bs_rows_plain = batch_size_sweep(data, budget, args.seed)
-        modes, _ = eval_modes(data, budget, args.seed)
+        modes = eval_modes(data, budget, args.seed)
     results = {
         "lr_sweep": lr_rows,
         "batch_size_sweep": bs_rows,
