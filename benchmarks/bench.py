@@ -310,40 +310,35 @@ def print_row(row: dict[str, Any], *, header: bool) -> None:
 
 
 def summarize(data: dict[str, Any]) -> None:
-    """Print the NumPy targets: fwd+bwd time against PyTorch, roof, extra memory."""
-    rows = data["results"]
-    print("\nTargets (NumPy fast path):")
-    for layout, limit in [("NCHW", 0.6), ("NHWC", 1.0)]:
-        worst = max(
-            (
+    """Print the NumPy targets, per dtype: fwd+bwd against PyTorch, roof, memory."""
+    print("\nTargets (NumPy fast path), worst case over the shapes:")
+    for dtype in sorted({r["dtype"] for r in data["results"]}, reverse=True):
+        rows = [r for r in data["results"] if r["dtype"] == dtype]
+        checks = []
+        for layout, limit in [("NCHW", 0.6), ("NHWC", 1.0)]:
+            ratios = [
                 ratio(r, "bnarray") or 0.0
                 for r in rows
                 if r["layout"] == layout and r["op"] == "fwd+bwd"
-            ),
-            default=None,
-        )
-        if worst:
-            verdict = "met" if worst <= limit else "NOT met"
-            print(
-                f"  fwd+bwd {layout}: worst {worst:.2f}x torch (target <= {limit}x): {verdict}"
-            )
-    big = [r for r in rows if r["input_mb"] > 100]
-    if big:
-        worst_roof = min(
-            100 * r["roof_ms"] / r["bnarray_ms"] for r in big if r["op"] != "infer"
-        )
-        verdict = "met" if worst_roof >= 60 else "NOT met"
-        print(
-            f"  % of copy roof, {big[0]['input_mb']:.0f} MB inputs: worst {worst_roof:.0f} % (target >= 60 %): {verdict}"
-        )
-    worst_mem = max(r["bnarray_extra_mb"] / r["input_mb"] for r in rows)
-    verdict = "met" if worst_mem <= 1 else "NOT met"
-    print(f"  extra memory: worst {worst_mem:.2f}x the input (target <= 1x): {verdict}")
-    worst_generic = max((ratio(r, "generic") or 0.0 for r in rows), default=0.0)
-    verdict = "met" if worst_generic <= 2.5 else "NOT met"
-    print(
-        f"  generic path: worst {worst_generic:.2f}x torch (target <= 2.5x): {verdict}"
-    )
+            ]
+            if ratios:
+                checks.append(
+                    (
+                        f"fwd+bwd {layout} <= {limit}x torch",
+                        max(ratios),
+                        max(ratios) <= limit,
+                    )
+                )
+        big = [r for r in rows if r["input_mb"] > 100 and r["op"] == "fwd+bwd"]
+        if big:
+            roof = min(100 * r["roof_ms"] / r["bnarray_ms"] for r in big)
+            checks.append(("fwd+bwd % of roof, >100 MB input, >= 60", roof, roof >= 60))
+        memory = max(r["bnarray_extra_mb"] / r["input_mb"] for r in rows)
+        checks.append(("extra memory / input <= 1", memory, memory <= 1))
+        generic = max((ratio(r, "generic") or 0.0 for r in rows), default=0.0)
+        checks.append(("generic path <= 2.5x torch", generic, generic <= 2.5))
+        for name, value, ok in checks:
+            print(f"  {dtype:<8} {name:<40} {value:7.2f}  {'met' if ok else 'NOT met'}")
 
 
 def main(argv: list[str] | None = None) -> None:

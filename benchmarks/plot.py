@@ -45,7 +45,8 @@ def plot(data: dict, out: Path) -> None:
         )
         ax.axvline(1.0, color="C3", lw=1)
         ax.set_title(op)
-        ax.set_xlabel("time / PyTorch CPU time")
+        ax.set_xscale("log")
+        ax.set_xlabel("time / PyTorch CPU time (log)")
         ax.set_yticks(list(ys))
         ax.set_yticklabels(labels if op == OPS[0] else [])
         ax.invert_yaxis()
@@ -62,12 +63,38 @@ def plot(data: dict, out: Path) -> None:
     print(f"wrote {out}")
 
 
+def markdown_table(data: dict) -> str:
+    """The results as a Markdown table, for docs/benchmarks.md."""
+    lines = [
+        "| shape | layout | dtype | op | PyTorch ms | bnarray ms | × PyTorch | % of roof "
+        "| extra MB | generic ms | × PyTorch |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in data["results"]:
+        torch_ms = r["torch_ms"]
+        lines.append(
+            f"| {'×'.join(map(str, r['shape']))} | {r['layout']} | {r['dtype']} | {r['op']} "
+            f"| {torch_ms:.1f} | {r['bnarray_ms']:.1f} | {r['bnarray_ms'] / torch_ms:.2f} "
+            f"| {100 * r['roof_ms'] / r['bnarray_ms']:.0f} | {r['bnarray_extra_mb']:.1f} "
+            f"| {r['generic_ms']:.1f} | {r['generic_ms'] / torch_ms:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("json", type=Path, nargs="?", default=DEFAULT_JSON)
     parser.add_argument("png", type=Path, nargs="?", default=DEFAULT_PNG)
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="also print the results as a Markdown table",
+    )
     args = parser.parse_args(argv)
-    plot(json.loads(args.json.read_text()), args.png)
+    data = json.loads(args.json.read_text())
+    plot(data, args.png)
+    if args.table:
+        print(markdown_table(data))
 
 
 if __name__ == "__main__":
