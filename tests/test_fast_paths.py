@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+import warnings
+
 import array_api_compat.numpy as np_compat
 import numpy as np
 import pytest
@@ -208,3 +213,31 @@ def test_cupy_fast_path_matches_generic_path(monkeypatch, shape, axis, dtype, tr
         {k: cupy.asnumpy(v) for k, v in generic.items()},
         dtype,
     )
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fast_path_works_in_a_forked_child():
+    x, dy, w, b, rm, rv = _inputs((3, 37, 41, 43), 1, np.float32)
+    expected = _run(x, dy, w, b, rm, rv, axis=1, training=True)  # starts the threads
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads running
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        ok = False
+        try:
+            out = _run(x, dy, w, b, rm, rv, axis=1, training=True)
+            ok = all(np.array_equal(out[k], expected[k]) for k in expected)
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if not done:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child did not finish: its thread pool is stale")
+    assert os.WIFEXITED(status), status
+    assert os.WEXITSTATUS(status) == 0

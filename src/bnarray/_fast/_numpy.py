@@ -41,6 +41,7 @@ _vecdot: Callable[[np.ndarray, np.ndarray], np.ndarray] = getattr(
 )
 
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
 _pool_lock = threading.Lock()
 
 
@@ -53,10 +54,12 @@ def _num_threads() -> int:
 
 
 def _executor() -> ThreadPoolExecutor:
-    global _pool
+    global _pool, _pool_pid
     with _pool_lock:
-        if _pool is None:
+        # A forked child inherits the pool object but not its threads: make a new one.
+        if _pool is None or _pool_pid != os.getpid():
             _pool = ThreadPoolExecutor(_num_threads(), thread_name_prefix="bnarray")
+            _pool_pid = os.getpid()
         return _pool
 
 
