@@ -11,6 +11,8 @@ import bnarray as bn
 
 
 def make_layer(backend, num_features, **kwargs):
+    # float64 parameters, so the float64 reference applies (torch and JAX default to float32)
+    kwargs.setdefault("dtype", backend.xp.float64)
     return bn.BatchNorm(num_features, xp=backend.lib, device=backend.device, **kwargs)
 
 

@@ -55,7 +55,8 @@ def namespace_of(arrays: Mapping[str, Array | None]) -> Namespace:
             )
             raise TypeError(msg) from None
         other_device = device(other)
-        if other_device != anchor_device:
+        # Traced JAX arrays (under jit or grad) report no device: nothing to compare.
+        if None not in (other_device, anchor_device) and other_device != anchor_device:
             msg = (
                 f"`{name}` is on device {other_device!r} but `{anchor_name}` is on "
                 f"device {anchor_device!r}; move them to one device"

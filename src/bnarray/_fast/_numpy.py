@@ -167,8 +167,9 @@ def _at(values: np.ndarray, ia: slice, ic: slice) -> np.ndarray:
     return values[: ia.stop - ia.start, ic]
 
 
-def _scratch(dtype: np.dtype) -> np.ndarray:
-    return np.empty(_BLOCK_ELEMENTS, dtype=dtype)
+def _scratch(dtype: np.dtype, size: int) -> np.ndarray:
+    """A block buffer, no larger than the array it serves (small batches are common)."""
+    return np.empty(min(_BLOCK_ELEMENTS, size), dtype=dtype)
 
 
 def _as(buf: np.ndarray, like: np.ndarray) -> np.ndarray:
@@ -222,8 +223,8 @@ def batch_stats(
 
     def work(blocks: list[tuple[slice, slice, slice]]) -> np.ndarray:
         sums = np.zeros((2, c), dtype=np.float64)
-        buf = _scratch(dtype)
-        ones = np.ones(_BLOCK_ELEMENTS, dtype=dtype)
+        buf = _scratch(dtype, x3.size)
+        ones = np.ones(min(_BLOCK_ELEMENTS, x3.size), dtype=dtype)
         for ia, ic, ib in blocks:
             xb = x3[ia, ic, ib]
             d = np.subtract(xb, _at(shift, ia, ic), out=_as(buf, xb), dtype=dtype)
@@ -257,7 +258,7 @@ def normalize(
     direct = x.dtype == dtype  # else compute in a float32 scratch block
 
     def work(blocks: list[tuple[slice, slice, slice]]) -> None:
-        buf = None if direct else _scratch(dtype)
+        buf = None if direct else _scratch(dtype, x3.size)
         for ia, ic, ib in blocks:
             xb, yb = x3[ia, ic, ib], y3[ia, ic, ib]
             t = yb if buf is None else _as(buf, xb)
@@ -288,9 +289,9 @@ def grad_sums(
 
     def work(blocks: list[tuple[slice, slice, slice]]) -> np.ndarray:
         sums = np.zeros((2, c), dtype=np.float64)
-        buf = _scratch(dtype)
-        dy_buf = None if direct else _scratch(dtype)
-        ones = np.ones(_BLOCK_ELEMENTS, dtype=dtype)
+        buf = _scratch(dtype, x3.size)
+        dy_buf = None if direct else _scratch(dtype, x3.size)
+        ones = np.ones(min(_BLOCK_ELEMENTS, x3.size), dtype=dtype)
         for ia, ic, ib in blocks:
             xb, dyb = x3[ia, ic, ib], dy3[ia, ic, ib]
             if dy_buf is not None:  # BLAS has no float16: upcast the block once
@@ -335,8 +336,8 @@ def grad_input(
     direct = x.dtype == dtype
 
     def work(blocks: list[tuple[slice, slice, slice]]) -> None:
-        buf = _scratch(dtype)
-        acc_buf = None if direct else _scratch(dtype)
+        buf = _scratch(dtype, x3.size)
+        acc_buf = None if direct else _scratch(dtype, x3.size)
         for ia, ic, ib in blocks:
             xb, dyb, dxb = x3[ia, ic, ib], dy3[ia, ic, ib], dx3[ia, ic, ib]
             acc = dxb if acc_buf is None else _as(acc_buf, xb)
