@@ -102,7 +102,8 @@ def docs(session: nox.Session) -> None:
     session.run("python", "docs/check_site.py", build)
 
 
-@nox.session(python="3.11")
+# Not in a plain `nox` run: tests-demo runs it in --quick mode.
+@nox.session(python="3.11", default=False)
 def demo(session: nox.Session) -> None:
     """The main job: train an MLP on the digits with and without batch norm, write
     plots and results.json to results/ (`nox -s demo -- --quick` for a short run)."""
