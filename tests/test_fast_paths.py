@@ -221,6 +221,9 @@ def test_fast_path_works_in_a_forked_child():
     expected = _run(x, dy, w, b, rm, rv, axis=1, training=True)  # starts the threads
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads running
+        # JAX, when loaded in the same run, warns from its own at-fork hook;
+        # the child here uses NumPy only.
+        warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
         pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through its exit status
         ok = False
