@@ -98,7 +98,9 @@ def docs(session: nox.Session) -> None:
     flags = "doctest_optionflags=NORMALIZE_WHITESPACE ELLIPSIS"
     doctest = ["pytest", "-p", "no:cacheprovider", "-o", flags]
     session.run(*doctest, "--doctest-glob=*.rst", "--ignore=docs/_build", "docs")
-    session.run(*doctest, "--doctest-modules", "src/bnarray")
+    # The CuPy kernels import CuPy at module level and hold no examples.
+    skip_cupy = "--ignore=src/bnarray/_fast/_cupy.py"
+    session.run(*doctest, "--doctest-modules", skip_cupy, "src/bnarray")
     session.run("python", "docs/check_site.py", build)
 
 
@@ -118,6 +120,18 @@ def tests_demo(session: nox.Session) -> None:
     """The demo's own test: a --quick run gives complete, sane results and plots."""
     session.install(".[test]", "-r", "examples/requirements.txt")
     session.run("pytest", "tests/test_demo.py", "--backends=numpy", *session.posargs)
+
+
+@nox.session(name="bench-gpu", python="3.11", default=False)
+def bench_gpu(session: nox.Session) -> None:
+    """Time the CuPy kernels against cuDNN through PyTorch CUDA (needs an NVIDIA GPU).
+
+    Installs CuPy for CUDA 12 and PyTorch's default (CUDA) wheel: several GB.
+    Writes benchmarks/results_gpu.json.
+    """
+    session.install(".", "cupy-cuda12x", "torch")
+    out = "benchmarks/results_gpu.json"
+    session.run("python", "benchmarks/bench_gpu.py", "--out", out, *session.posargs)
 
 
 @nox.session(python="3.11", default=False)
