@@ -213,6 +213,27 @@ def main(argv: list[str] | None = None) -> None:
         f"{'bnarray us':>11}{'x torch':>8}{'% roof':>7}"
         f"{'generic us':>11}{'x torch':>8}{'roof us':>8}"
     )
+    # Per-call cost when the GPU has almost nothing to do: host-side overhead
+    # (Python, argument checks, kernel launches).
+    tiny = cupy.asarray(np.random.default_rng(2).standard_normal((2, 64, 2, 2)))
+    tiny = tiny.astype(cupy.float32)
+    tiny_cases = {
+        "bnarray": bnarray_case(tiny, tiny, 1),
+        "torch": torch_case(tiny, tiny, 1),
+    }
+    overhead = {
+        impl: {
+            op: 1e6 * time_per_call(f, calls=200, trials=args.trials)
+            for op, f in fns.items()
+        }
+        for impl, fns in tiny_cases.items()
+    }
+    machine["overhead_us_2x64x2x2"] = overhead
+    for impl, ops in overhead.items():
+        print(
+            f"per-call floor (2x64x2x2), {impl}: "
+            + ", ".join(f"{op} {t:.0f} us" for op, t in ops.items())
+        )
     print(header)
     shapes = SHAPES[:1] if args.quick else SHAPES
     dtypes = DTYPES[:1] if args.quick else DTYPES

@@ -215,6 +215,36 @@ def test_cupy_fast_path_matches_generic_path(monkeypatch, shape, axis, dtype, tr
     )
 
 
+@pytest.mark.parametrize(
+    "view",
+    [
+        # NHWC memory seen as NCHW, a strided slice, a reversed axis: the
+        # generic CUDA kernels serve what the contiguous kernels cannot.
+        lambda a: a.transpose(0, 3, 1, 2),
+        lambda a: a[:, ::2],
+        lambda a: a[::-1],
+    ],
+    ids=["transposed", "strided", "reversed"],
+)
+@pytest.mark.parametrize("training", [True, False])
+def test_cupy_fast_path_matches_generic_path_on_views(monkeypatch, view, training):
+    cupy = pytest.importorskip("cupy")
+    if not cupy.is_available():
+        pytest.skip("CuPy is installed but no CUDA device is available")
+    x, dy, *_ = _inputs((3, 41, 43, 37), -1, np.float32)
+    x, dy = (view(cupy.asarray(a)) for a in (x, dy))
+    _, _, w, b, rm, rv = (cupy.asarray(a) for a in _inputs(x.shape, 1, np.float32))
+    monkeypatch.delenv(FORCE_GENERIC_ENV, raising=False)
+    fast = _run(x, dy, w, b, rm, rv, axis=1, training=training)
+    monkeypatch.setenv(FORCE_GENERIC_ENV, "1")
+    generic = _run(x, dy, w, b, rm, rv, axis=1, training=training)
+    _assert_matches(
+        {k: cupy.asnumpy(v) for k, v in fast.items()},
+        {k: cupy.asnumpy(v) for k, v in generic.items()},
+        np.float32,
+    )
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_fast_path_works_in_a_forked_child():
     x, dy, w, b, rm, rv = _inputs((3, 37, 41, 43), 1, np.float32)

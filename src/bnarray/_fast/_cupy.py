@@ -18,10 +18,12 @@ tuple of axes is served. ``T`` is the dtype of `x`, ``S`` the compute dtype
 
 from __future__ import annotations
 
+import math
 from functools import cache
 from typing import Any
 
 import cupy
+import numpy
 
 from .._compat import Array, Namespace
 
@@ -116,6 +118,315 @@ def _pair_sums(
     return cupy.ascontiguousarray(total.real), cupy.ascontiguousarray(total.imag)
 
 
+# Contiguous arrays with one channel axis (NCHW, NHWC and their kin) get
+# hand-written CUDA kernels: the generic kernels above compute every operand's
+# offset from the element's multi-index, which costs more than the memory
+# traffic on large arrays. Such an `x` is seen as (outer, C, inner).
+
+_CTYPES = {"float16": "unsigned short", "float32": "float", "float64": "double"}
+
+# float16 travels as its bits, converted in registers (no CUDA headers needed).
+_PRELUDE = r"""
+__device__ __forceinline__ float load(unsigned short h) {
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+}
+__device__ __forceinline__ float load(float v) { return v; }
+__device__ __forceinline__ double load(double v) { return v; }
+__device__ __forceinline__ void store(unsigned short* p, float v) {
+    unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); *p = h;
+}
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(double* p, double v) { *p = v; }
+"""
+
+_ELEMENTWISE_SOURCE = r"""
+extern "C" __global__ void bnarray_NAME(ARGS, T* __restrict__ out, I n, I channels, I inner) {
+    for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (I)blockDim.x * gridDim.x) {
+        const I c = inner == 1 ? i % channels : (i / inner) % channels;
+        store(out + i, (S)(EXPR));
+    }
+}
+"""
+
+# Long runs of one channel: block (row, chunk) writes the chunk-th piece of
+# row `row` = (o, c) of the (outer, C, inner) view, with no division per value.
+_ELEMENTWISE_ROWS_SOURCE = r"""
+extern "C" __global__ void bnarray_NAME_rows(ARGS, T* __restrict__ out, I channels, I inner,
+                                   I chunk) {
+    const I row = blockIdx.x;
+    const I c = row % channels;
+    const I start = (I)blockIdx.y * chunk;
+    const I stop = min(start + chunk, inner);
+    for (I j = start + threadIdx.x; j < stop; j += blockDim.x) {
+        const size_t i = (size_t)row * inner + j;
+        store(out + i, (S)(EXPR));
+    }
+}
+"""
+
+# Σ p and Σ q over one channel's contiguous runs (inner > 1): block (row, chunk)
+# sums the chunk-th piece of row `row` = (o, c) of the (outer, C, inner) view.
+_ROWS_SOURCE = r"""
+extern "C" __global__ void bnarray_NAME_rows(ARGS, S* __restrict__ out_p, S* __restrict__ out_q,
+                                   I channels, I inner, I chunk) {
+    const I row = blockIdx.x;
+    const I c = row % channels;
+    const I start = (I)blockIdx.y * chunk;
+    const I stop = min(start + chunk, inner);
+    S p = 0, q = 0;
+    for (I j = start + threadIdx.x; j < stop; j += blockDim.x) {
+        const size_t i = (size_t)row * inner + j;
+        MAP
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        p += __shfl_down_sync(0xffffffffu, p, o);
+        q += __shfl_down_sync(0xffffffffu, q, o);
+    }
+    __shared__ S shared_p[32], shared_q[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { shared_p[warp] = p; shared_q[warp] = q; }
+    __syncthreads();
+    if (warp == 0) {
+        const int warps = blockDim.x >> 5;
+        p = lane < warps ? shared_p[lane] : (S)0;
+        q = lane < warps ? shared_q[lane] : (S)0;
+        for (int o = 16; o > 0; o >>= 1) {
+            p += __shfl_down_sync(0xffffffffu, p, o);
+            q += __shfl_down_sync(0xffffffffu, q, o);
+        }
+        if (lane == 0) {
+            const size_t k = (size_t)row * gridDim.y + blockIdx.y;
+            out_p[k] = p;
+            out_q[k] = q;
+        }
+    }
+}
+"""
+
+# Σ p and Σ q down the columns of the (outer, C * inner) view (inner small):
+# a warp reads 32 neighbouring columns of a row; block (tile, chunk) sums rows
+# [chunk * rows, (chunk + 1) * rows) of its 32 columns.
+_COLUMNS_SOURCE = r"""
+extern "C" __global__ void bnarray_NAME_columns(ARGS, S* __restrict__ out_p, S* __restrict__ out_q,
+                                      I outer, I width, I inner, I rows) {
+    const I col = (I)blockIdx.x * 32 + threadIdx.x;
+    const I first = (I)blockIdx.y * rows;
+    const I last = min(first + rows, outer);
+    S p = 0, q = 0;
+    if (col < width) {
+        const I c = col / inner;
+        for (I r = first + threadIdx.y; r < last; r += blockDim.y) {
+            const size_t i = (size_t)r * width + col;
+            MAP
+        }
+    }
+    __shared__ S shared_p[8][33], shared_q[8][33];
+    shared_p[threadIdx.y][threadIdx.x] = p;
+    shared_q[threadIdx.y][threadIdx.x] = q;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < width) {
+        for (int t = 1; t < blockDim.y; ++t) {
+            p += shared_p[t][threadIdx.x];
+            q += shared_q[t][threadIdx.x];
+        }
+        const size_t k = (size_t)blockIdx.y * width + col;
+        out_p[k] = p;
+        out_q[k] = q;
+    }
+}
+"""
+
+_PAIR_MAPS = {
+    # d = x - shift: Σ d and Σ d².
+    "stats": (
+        "const T* __restrict__ x, const S* __restrict__ shift",
+        "{ const S d = (S)load(x[i]) - shift[c]; p += d; q += d * d; }",
+    ),
+    # Σ dy and Σ dy · (x - mean).
+    "grad": (
+        "const T* __restrict__ dy, const T* __restrict__ x, const S* __restrict__ mean",
+        "{ const S g = (S)load(dy[i]); p += g; q += g * ((S)load(x[i]) - mean[c]); }",
+    ),
+}
+
+_ELEMENTWISE_EXPRS = {
+    "normalize": (
+        "const T* __restrict__ x, const S* __restrict__ mean, "
+        "const S* __restrict__ scale, const S* __restrict__ shift",
+        "((S)load(x[i]) - mean[c]) * scale[c] + shift[c]",
+    ),
+    "grad_input": (
+        "const T* __restrict__ dy, const T* __restrict__ x, const S* __restrict__ mean, "
+        "const S* __restrict__ dy_scale, const S* __restrict__ xc_scale, "
+        "const S* __restrict__ shift",
+        "(S)load(dy[i]) * dy_scale[c] + ((S)load(x[i]) - mean[c]) * xc_scale[c]"
+        " + shift[c]",
+    ),
+    "scale": (
+        "const T* __restrict__ dy, const S* __restrict__ dy_scale",
+        "(S)load(dy[i]) * dy_scale[c]",
+    ),
+}
+
+_THREADS = 256
+# Runs of one channel at least this long are served one block per run.
+_LONG_RUN = 1024
+
+
+@cache
+def _raw_kernel(kind: str, name: str, dtype: str, compute: str, index: str) -> Any:
+    if kind == "elementwise":
+        args, expr = _ELEMENTWISE_EXPRS[name]
+        body = _ELEMENTWISE_SOURCE.replace("EXPR", expr)
+        func = f"bnarray_{name}"
+    elif kind == "elementwise_rows":
+        args, expr = _ELEMENTWISE_EXPRS[name]
+        body = _ELEMENTWISE_ROWS_SOURCE.replace("EXPR", expr)
+        func = f"bnarray_{name}_rows"
+    else:
+        args, expr = _PAIR_MAPS[name]
+        body = (_ROWS_SOURCE if kind == "rows" else _COLUMNS_SOURCE).replace(
+            "MAP", expr
+        )
+        func = f"bnarray_{name}_{kind}"
+    types = (
+        f"typedef {_CTYPES[dtype]} T;\ntypedef {_CTYPES[compute]} S;\n"
+        f"typedef {index} I;\n"
+    )
+    code = types + _PRELUDE + body.replace("NAME", name).replace("ARGS", args)
+    return cupy.RawKernel(code, func)
+
+
+@cache
+def _multiprocessors(device_id: int) -> int:
+    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
+
+
+def _view(
+    full: tuple[Array, ...], channel_shape: tuple[int, ...]
+) -> tuple[int, int, int] | None:
+    """(outer, C, inner) when the full-size arrays are C-contiguous and the
+    per-channel arrays (of `channel_shape`, in the keepdims form) vary along
+    at most one axis; else None (the generic CUDA kernels serve)."""
+    x = full[0]
+    if x.size == 0 or not all(a.flags.c_contiguous for a in full):
+        return None
+    varying = [a for a, n in enumerate(channel_shape) if n != 1]
+    if not varying:
+        return 1, 1, x.size
+    if len(varying) > 1:
+        return None
+    (a,) = varying
+    return math.prod(x.shape[:a]), x.shape[a], math.prod(x.shape[a + 1 :])
+
+
+def _index_type(n: int) -> tuple[str, Any]:
+    if n < 2**31:
+        return "unsigned int", numpy.uint32
+    return "unsigned long long", numpy.uint64
+
+
+def _per_channel(a: Array, dtype: Any) -> Array:
+    return cupy.ascontiguousarray(a.reshape(-1), dtype=dtype)
+
+
+def _full(a: Array, like: Array) -> Array:
+    """`a` broadcast to the per-channel shape of `like`."""
+    return a if a.shape == like.shape else cupy.broadcast_to(a, like.shape)
+
+
+def _raw_elementwise(
+    name: str,
+    view: tuple[int, int, int],
+    full: tuple[Array, ...],
+    channel: tuple[Array, ...],
+) -> Array:
+    """``out[i] = EXPR`` over the (outer, C, inner) view of the full-size arrays."""
+    outer, channels, inner = view
+    like = full[0]
+    n = like.size
+    index, itype = _index_type(n)
+    compute = _compute_dtype(like.dtype)
+    out = cupy.empty_like(like)
+    args = (*full, *(_per_channel(a, compute) for a in channel), out)
+    sms = _multiprocessors(like.device.id)
+    if inner >= _LONG_RUN:
+        rows = outer * channels
+        chunks = min(max(1, -(-8 * sms // rows)), max(1, inner // 2048), 65535)
+        chunk = -(-inner // chunks)
+        kernel = _raw_kernel(
+            "elementwise_rows", name, like.dtype.name, compute.name, index
+        )
+        kernel(
+            (rows, chunks),
+            (_THREADS,),
+            (*args, itype(channels), itype(inner), itype(chunk)),
+        )
+    else:
+        kernel = _raw_kernel("elementwise", name, like.dtype.name, compute.name, index)
+        blocks = min(-(-n // _THREADS), 32 * sms)
+        kernel((blocks,), (_THREADS,), (*args, itype(n), itype(channels), itype(inner)))
+    return out
+
+
+def _raw_pair_sums(
+    name: str,
+    view: tuple[int, int, int],
+    full: tuple[Array, ...],
+    channel: tuple[Array, ...],
+) -> tuple[Array, Array]:
+    """Per-channel Σ p and Σ q, shape (C,), of a pair map over the (outer, C, inner) view.
+
+    Each block writes its partial sums; a second, small reduction adds them.
+    """
+    outer, channels, inner = view
+    x = full[0]
+    compute = _compute_dtype(x.dtype)
+    index, itype = _index_type(x.size)
+    args = (*full, *(_per_channel(a, compute) for a in channel))
+    target = 8 * _multiprocessors(x.device.id)  # blocks enough to fill the GPU
+    if inner >= _LONG_RUN:
+        # Runs of `inner` contiguous values share a channel: one block per run
+        # (or per piece of a long run).
+        rows = outer * channels
+        chunks = min(max(1, -(-target // rows)), max(1, inner // 1024), 65535)
+        chunk = -(-inner // chunks)
+        kernel = _raw_kernel("rows", name, x.dtype.name, compute.name, index)
+        out_p = cupy.empty((outer, channels, chunks), dtype=compute)
+        out_q = cupy.empty_like(out_p)
+        kernel(
+            (rows, chunks),
+            (_THREADS,),
+            (*args, out_p, out_q, itype(channels), itype(inner), itype(chunk)),
+        )
+    else:
+        # Short runs: a warp reads 32 neighbouring values of a row of the
+        # (outer, C * inner) view and each thread sums down its column.
+        width = channels * inner
+        tiles = -(-width // 32)
+        chunks = min(max(1, -(-target // tiles)), max(1, outer // 64), 65535)
+        rows_per_chunk = -(-outer // chunks)
+        chunks = -(-outer // rows_per_chunk)
+        kernel = _raw_kernel("columns", name, x.dtype.name, compute.name, index)
+        out_p = cupy.empty((chunks, channels, inner), dtype=compute)
+        out_q = cupy.empty_like(out_p)
+        kernel(
+            (tiles, chunks),
+            (32, 8),
+            (
+                *args,
+                out_p,
+                out_q,
+                itype(outer),
+                itype(width),
+                itype(inner),
+                itype(rows_per_chunk),
+            ),
+        )
+    return out_p.sum(axis=(0, 2)), out_q.sum(axis=(0, 2))
+
+
 def _zeros(like: Array) -> Array:
     return cupy.zeros((1,) * like.ndim, dtype=like.dtype)
 
@@ -134,8 +445,13 @@ def batch_stats(
         slice(0, 1) if a in reduce_axes else slice(None) for a in range(x.ndim)
     )
     shift = x[first].astype(dtype)
-    kernel = _reductions(dtype.name)["shifted_sums"]
-    s1, s2 = _pair_sums(kernel, (x, shift), reduce_axes)
+    view = _view((x,), shift.shape)
+    if view is None:
+        kernel = _reductions(dtype.name)["shifted_sums"]
+        s1, s2 = _pair_sums(kernel, (x, shift), reduce_axes)
+    else:
+        s1, s2 = _raw_pair_sums("stats", view, (x,), (shift,))
+        s1, s2 = s1.reshape(shift.shape), s2.reshape(shift.shape)
     m = x.size // shift.size
     dmean = s1 / m
     var = cupy.maximum(s2 / m - dmean * dmean, 0)
@@ -146,8 +462,13 @@ def normalize(
     x: Array, mean: Array, scale: Array, shift: Array | None, *, xp: Namespace
 ) -> Array:
     """``(x - mean) * scale + shift``: see :func:`bnarray._math.normalize`."""
-    return _elementwise()["normalize"](
-        x, mean, scale, _zeros(mean) if shift is None else shift
+    shift = _zeros(mean) if shift is None else shift
+    view = _view((x,), mean.shape)
+    if view is None:
+        return _elementwise()["normalize"](x, mean, scale, shift)
+    channel = (mean, scale, shift)
+    return _raw_elementwise(
+        "normalize", view, (x,), tuple(_full(a, mean) for a in channel)
     )
 
 
@@ -155,8 +476,12 @@ def grad_sums(
     dy: Array, x: Array, mean: Array, reduce_axes: tuple[int, ...], *, xp: Namespace
 ) -> tuple[Array, Array]:
     """Per-channel ``Σ dy`` and ``Σ dy · (x - mean)``: see :func:`bnarray._math.grad_sums`."""
-    kernel = _reductions(mean.dtype.name)["grad_sums"]
-    return _pair_sums(kernel, (dy, x, mean), reduce_axes)
+    view = _view((dy, x), mean.shape)
+    if view is None:
+        kernel = _reductions(mean.dtype.name)["grad_sums"]
+        return _pair_sums(kernel, (dy, x, mean), reduce_axes)
+    s1, s2 = _raw_pair_sums("grad", view, (dy, x), (mean,))
+    return s1.reshape(mean.shape), s2.reshape(mean.shape)
 
 
 def grad_input(
@@ -171,15 +496,21 @@ def grad_input(
 ) -> Array:
     """``dy * dy_scale + (x - mean) * xc_scale + shift``: see
     :func:`bnarray._math.grad_input`."""
-    k = _elementwise()
-    if xc_scale is None and shift is None:
-        return k["scale"](dy, dy_scale)
+    only_scale = xc_scale is None and shift is None
+    view = _view((dy,) if only_scale else (dy, x), mean.shape)
+    if only_scale:
+        if view is None:
+            return _elementwise()["scale"](dy, dy_scale)
+        return _raw_elementwise("scale", view, (dy,), (_full(dy_scale, mean),))
     zero = _zeros(mean)
-    return k["grad_input"](
-        dy,
-        x,
+    channel = (
         mean,
         dy_scale,
         zero if xc_scale is None else xc_scale,
         zero if shift is None else shift,
+    )
+    if view is None:
+        return _elementwise()["grad_input"](dy, x, *channel)
+    return _raw_elementwise(
+        "grad_input", view, (dy, x), tuple(_full(a, mean) for a in channel)
     )
