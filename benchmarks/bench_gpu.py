@@ -33,12 +33,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cupy
 import numpy as np
-import torch
 
 import bnarray as bn
 from bnarray._fast import FORCE_GENERIC_ENV
+
+try:
+    import cupy
+    import torch
+except ImportError:  # --table needs neither
+    cupy = torch = None
 
 SHAPES = [(32, 64, 56, 56), (256, 256, 14, 14), (64, 128, 56, 56), (128, 256, 56, 56)]
 LAYOUTS = {"NCHW": 1, "NHWC": -1}
@@ -185,13 +189,41 @@ def fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def markdown_table(data: dict[str, Any]) -> str:
+    """The docs' table of a results file."""
+    lines = [
+        "| shape | layout | dtype | op | PyTorch µs | bnarray µs | × PyTorch "
+        "| % of roof | generic µs | × PyTorch |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in data["results"]:
+        torch_us = row["torch_us"]
+        lines.append(
+            f"| {'×'.join(map(str, row['shape']))} | {row['layout']} | {row['dtype']} "
+            f"| {row['op']} | {torch_us:.0f} | {row['bnarray_us']:.0f} "
+            f"| {row['bnarray_us'] / torch_us:.2f} "
+            f"| {100 * row['roof_us'] / row['bnarray_us']:.0f} "
+            f"| {row['generic_us']:.0f} | {row['generic_us'] / torch_us:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("results_gpu.json"))
+    parser.add_argument(
+        "--table",
+        type=Path,
+        metavar="RESULTS",
+        help="print the Markdown table of a results file and exit (no GPU needed)",
+    )
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="first shape, float32")
     args = parser.parse_args(argv)
-    if not cupy.is_available() or not torch.cuda.is_available():
+    if args.table is not None:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return
+    if cupy is None or not cupy.is_available() or not torch.cuda.is_available():
         sys.exit("bench_gpu needs a CUDA GPU usable by both CuPy and PyTorch")
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     card = props["name"].decode()
