@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
 import sys
 import time
@@ -34,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench import DTYPES, LAYOUTS, OPS, TRAFFIC, generic  # benchmarks/bench.py
 
 import bnarray as bn
-from bnarray._fast import FORCE_GENERIC_ENV
 
 try:
     import cupy
@@ -44,12 +43,8 @@ try:
 except ImportError:  # --table needs neither
     cupy = torch = None
 
+# The CPU benchmark's shapes, and one large enough that launch overhead vanishes.
 SHAPES = [(32, 64, 56, 56), (256, 256, 14, 14), (64, 128, 56, 56), (128, 256, 56, 56)]
-LAYOUTS = {"NCHW": 1, "NHWC": -1}
-DTYPES = ["float32", "float16"]
-OPS = ["fwd", "bwd", "fwd+bwd", "infer"]
-# Full-size arrays each operation must move: reads + writes, in units of x.nbytes.
-TRAFFIC = {"fwd": 3, "bwd": 5, "fwd+bwd": 8, "infer": 2}
 IMPLS = ["bnarray", "generic", "torch"]
 
 
@@ -159,19 +154,6 @@ def torch_case(x: Any, dy: Any, axis: int) -> dict[str, Callable[[], Any]]:
             return functional.batch_norm(xt, rm, rv, w, b, training=False, eps=1e-5)
 
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd, "infer": infer}
-
-
-def generic(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """`fn` run with bnarray's generic array-API kernels instead of the CuPy ones."""
-
-    def wrapped() -> Any:
-        os.environ[FORCE_GENERIC_ENV] = "1"
-        try:
-            return fn()
-        finally:
-            del os.environ[FORCE_GENERIC_ENV]
-
-    return wrapped
 
 
 def check_agreement(x: Any, axis: int, dtype: str) -> float:
