@@ -33,8 +33,8 @@ __all__ = ["batch_stats", "grad_input", "grad_sums", "normalize"]
 # The two per-channel sums each reduction needs travel as the real and imaginary
 # parts of one complex accumulator, so one kernel reads its inputs once.
 _PAIR = {
-    "float32": ("float", "complex64"),
-    "float64": ("double", "complex128"),
+    "f": ("float", "complex64"),
+    "d": ("double", "complex128"),
 }
 
 
@@ -93,11 +93,28 @@ def _elementwise() -> dict[str, Any]:
         "scale": cupy.ElementwiseKernel(
             "T dy, S dy_scale", "T dx", "dx = (T)((S)dy * dy_scale)", "bnarray_scale"
         ),
+        # Mean and biased variance from the sums of d = x - shift over m values.
+        "moments": cupy.ElementwiseKernel(
+            "S sum_d, S sum_d2, S shift, S m",
+            "S mean, S var",
+            # `v < 0 ? 0 : v` rather than max(): a NaN variance stays NaN.
+            "S d = sum_d / m; S v = sum_d2 / m - d * d;"
+            " mean = shift + d; var = v < (S)0 ? (S)0 : v",
+            "bnarray_moments",
+        ),
     }
 
 
+_COMPUTE = {
+    "e": numpy.dtype("float32"),
+    "f": numpy.dtype("float32"),
+    "d": numpy.dtype("float64"),
+}
+
+
 def _compute_dtype(dtype: Any) -> Any:
-    return cupy.promote_types(dtype, cupy.float32)
+    """float32 for 16-bit and 32-bit `dtype`, float64 for float64."""
+    return _COMPUTE[dtype.char]
 
 
 def _pair_sums(
@@ -123,7 +140,8 @@ def _pair_sums(
 # offset from the element's multi-index, which costs more than the memory
 # traffic on large arrays. Such an `x` is seen as (outer, C, inner).
 
-_CTYPES = {"float16": "unsigned short", "float32": "float", "float64": "double"}
+# Keyed by `dtype.char` (a cheap attribute, unlike `dtype.name`).
+_CTYPES = {"e": "unsigned short", "f": "float", "d": "double"}
 
 # float16 travels as its bits, converted in registers (no CUDA headers needed).
 _PRELUDE = r"""
@@ -175,6 +193,7 @@ extern "C" __global__ void bnarray_NAME_rows(ARGS, S* __restrict__ out_p, S* __r
     const I start = (I)blockIdx.y * chunk;
     const I stop = min(start + chunk, inner);
     S p = 0, q = 0;
+    #pragma unroll 4
     for (I j = start + threadIdx.x; j < stop; j += blockDim.x) {
         const size_t i = (size_t)row * inner + j;
         MAP
@@ -216,6 +235,7 @@ extern "C" __global__ void bnarray_NAME_columns(ARGS, S* __restrict__ out_p, S* 
     S p = 0, q = 0;
     if (col < width) {
         const I c = col / inner;
+        #pragma unroll 4
         for (I r = first + threadIdx.y; r < last; r += blockDim.y) {
             const size_t i = (size_t)r * width + col;
             MAP
@@ -356,7 +376,7 @@ def _raw_elementwise(
         chunks = min(max(1, -(-8 * sms // rows)), max(1, inner // 2048), 65535)
         chunk = -(-inner // chunks)
         kernel = _raw_kernel(
-            "elementwise_rows", name, like.dtype.name, compute.name, index
+            "elementwise_rows", name, like.dtype.char, compute.char, index
         )
         kernel(
             (rows, chunks),
@@ -364,7 +384,7 @@ def _raw_elementwise(
             (*args, itype(channels), itype(inner), itype(chunk)),
         )
     else:
-        kernel = _raw_kernel("elementwise", name, like.dtype.name, compute.name, index)
+        kernel = _raw_kernel("elementwise", name, like.dtype.char, compute.char, index)
         blocks = min(-(-n // _THREADS), 32 * sms)
         kernel((blocks,), (_THREADS,), (*args, itype(n), itype(channels), itype(inner)))
     return out
@@ -392,13 +412,12 @@ def _raw_pair_sums(
         rows = outer * channels
         chunks = min(max(1, -(-target // rows)), max(1, inner // 1024), 65535)
         chunk = -(-inner // chunks)
-        kernel = _raw_kernel("rows", name, x.dtype.name, compute.name, index)
-        out_p = cupy.empty((outer, channels, chunks), dtype=compute)
-        out_q = cupy.empty_like(out_p)
+        kernel = _raw_kernel("rows", name, x.dtype.char, compute.char, index)
+        out = cupy.empty((2, outer, channels, chunks), dtype=compute)
         kernel(
             (rows, chunks),
             (_THREADS,),
-            (*args, out_p, out_q, itype(channels), itype(inner), itype(chunk)),
+            (*args, out[0], out[1], itype(channels), itype(inner), itype(chunk)),
         )
     else:
         # Short runs: a warp reads 32 neighbouring values of a row of the
@@ -408,23 +427,24 @@ def _raw_pair_sums(
         chunks = min(max(1, -(-target // tiles)), max(1, outer // 64), 65535)
         rows_per_chunk = -(-outer // chunks)
         chunks = -(-outer // rows_per_chunk)
-        kernel = _raw_kernel("columns", name, x.dtype.name, compute.name, index)
-        out_p = cupy.empty((chunks, channels, inner), dtype=compute)
-        out_q = cupy.empty_like(out_p)
+        kernel = _raw_kernel("columns", name, x.dtype.char, compute.char, index)
+        out = cupy.empty((2, chunks, channels, inner), dtype=compute)
         kernel(
             (tiles, chunks),
             (32, 8),
             (
                 *args,
-                out_p,
-                out_q,
+                out[0],
+                out[1],
                 itype(outer),
                 itype(width),
                 itype(inner),
                 itype(rows_per_chunk),
             ),
         )
-    return out_p.sum(axis=(0, 2)), out_q.sum(axis=(0, 2))
+    # (p, q) partial sums of each block: one small reduction adds both.
+    sums = out.sum(axis=(1, 3))
+    return sums[0], sums[1]
 
 
 def _zeros(like: Array) -> Array:
@@ -447,15 +467,14 @@ def batch_stats(
     shift = x[first].astype(dtype)
     view = _view((x,), shift.shape)
     if view is None:
-        kernel = _reductions(dtype.name)["shifted_sums"]
+        kernel = _reductions(dtype.char)["shifted_sums"]
         s1, s2 = _pair_sums(kernel, (x, shift), reduce_axes)
     else:
         s1, s2 = _raw_pair_sums("stats", view, (x,), (shift,))
         s1, s2 = s1.reshape(shift.shape), s2.reshape(shift.shape)
-    m = x.size // shift.size
-    dmean = s1 / m
-    var = cupy.maximum(s2 / m - dmean * dmean, 0)
-    return shift + dmean, var
+    m = dtype.type(x.size // shift.size)
+    mean, var = _elementwise()["moments"](s1, s2, shift, m)
+    return mean, var
 
 
 def normalize(
@@ -478,7 +497,7 @@ def grad_sums(
     """Per-channel ``Σ dy`` and ``Σ dy · (x - mean)``: see :func:`bnarray._math.grad_sums`."""
     view = _view((dy, x), mean.shape)
     if view is None:
-        kernel = _reductions(mean.dtype.name)["grad_sums"]
+        kernel = _reductions(mean.dtype.char)["grad_sums"]
         return _pair_sums(kernel, (dy, x, mean), reduce_axes)
     s1, s2 = _raw_pair_sums("grad", view, (dy, x), (mean,))
     return s1.reshape(mean.shape), s2.reshape(mean.shape)
