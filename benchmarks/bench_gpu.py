@@ -156,7 +156,7 @@ def torch_case(x: Any, dy: Any, axis: int) -> dict[str, Callable[[], Any]]:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd, "infer": infer}
 
 
-def check_agreement(x: Any, axis: int, dtype: str) -> float:
+def check_agreement(x: Any, axis: int) -> float:
     """Largest difference between bnarray's and PyTorch's training output, in units of y's spread."""
     y = bnarray_case(x, x, axis)["fwd"]()
     yt = torch_case(x, x, axis)["fwd"]()
@@ -165,10 +165,6 @@ def check_agreement(x: Any, axis: int, dtype: str) -> float:
     ours = cupy.asnumpy(y).astype(np.float64)
     theirs = yt.detach().cpu().numpy().astype(np.float64)
     return float(np.max(np.abs(ours - theirs)) / np.std(theirs))
-
-
-def fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def markdown_table(data: dict[str, Any]) -> str:
@@ -275,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
                     "generic": {k: generic(f) for k, f in fns.items()},
                     "torch": torch_case(x, dy, axis),
                 }
-                agreement = check_agreement(x, axis, dtype)
+                agreement = check_agreement(x, axis)
                 calls = max(3, min(50, int(2e9 / x.nbytes)))
                 for op in OPS:
                     row: dict[str, Any] = {
