@@ -12,8 +12,10 @@ PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 # PyTorch 2.13.0 for Python 3.11 is the CPU build on this project's machines;
 # other versions or interpreters pull multi-GB CUDA builds.
 TORCH = "torch==2.13.0"
-# The floor of the `dependencies` in pyproject.toml, tested by `tests-oldest`.
+# The floor of the `dependencies` in pyproject.toml, tested by `tests-oldest`,
+# and of the optional Numba.
 OLDEST = ["numpy==1.26.0", "array-api-compat==1.13.0"]
+OLDEST_NUMBA = "numba==0.60.0"
 
 
 def _pytest(session: nox.Session, backends: str, *args: str) -> None:
@@ -22,8 +24,9 @@ def _pytest(session: nox.Session, backends: str, *args: str) -> None:
 
 @nox.session(name="tests-numpy", python=PYTHONS)
 def tests_numpy(session: nox.Session) -> None:
-    """The test suite on NumPy (and read-only NumPy arrays)."""
-    session.install(".[test]")
+    """The test suite on NumPy (and read-only NumPy arrays), with Numba installed;
+    test_fast_paths.py also runs the NumPy-only kernels."""
+    session.install(".[test,numba]")
     _pytest(session, "numpy,numpy_readonly")
 
 
@@ -74,9 +77,12 @@ def tests_cupy(session: nox.Session) -> None:
 
 @nox.session(name="tests-oldest", python="3.11")
 def tests_oldest(session: nox.Session) -> None:
-    """The test suite on the oldest supported NumPy and array-api-compat."""
+    """The test suite on the oldest supported NumPy and array-api-compat, without
+    Numba (the NumPy-only kernels); then the fast-path tests on the oldest Numba."""
     session.install(".[test]", *OLDEST)
     _pytest(session, "numpy,numpy_readonly,array_api_strict")
+    session.install(OLDEST_NUMBA)
+    _pytest(session, "numpy", "tests/test_fast_paths.py")
 
 
 @nox.session(python="3.11")
@@ -141,7 +147,7 @@ def bench(session: nox.Session) -> None:
     Prints the table and writes benchmarks/results.json; a full run also redraws
     the plot of docs/benchmarks.md.
     """
-    session.install(".", TORCH, "matplotlib")
+    session.install(".[numba]", TORCH, "matplotlib")
     session.run("python", "benchmarks/bench.py", *session.posargs)
     if "--quick" not in session.posargs:
         session.run("python", "benchmarks/plot.py")

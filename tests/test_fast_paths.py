@@ -1,7 +1,8 @@
-"""The NumPy fast path gives what the generic array-API path gives."""
+"""The NumPy fast paths (with and without Numba) give what the generic array-API path gives."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import time
@@ -13,7 +14,9 @@ import pytest
 
 import bnarray as bn
 from bnarray import _math
-from bnarray._fast import FORCE_GENERIC_ENV, _numpy, kernels_for
+from bnarray._fast import FORCE_GENERIC_ENV, NUMBA_ENV, _numpy, kernels_for
+
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 # (shape, axis): 2-D to 5-D, channels first and last, negative and tuple axes,
 # sizes that are not multiples of the block size, more than one block per
@@ -37,6 +40,24 @@ LAYOUTS = [
 DTYPES = [np.float64, np.float32, np.float16]
 # |fast - generic| <= TOL * max|generic| per output: a few roundings of the dtype.
 TOL = {np.float64: 1e-11, np.float32: 1e-5, np.float16: 4e-3}
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def numpy_kernels(request, monkeypatch):
+    """The NumPy kernels that serve the test: the Numba loops (where Numba is
+    installed) or the NumPy-only ones (``BNARRAY_NUMBA=0``)."""
+    monkeypatch.delenv(FORCE_GENERIC_ENV, raising=False)
+    if request.param == "numba":
+        if not HAVE_NUMBA:
+            pytest.skip("Numba is not installed (pip install bnarray[numba])")
+        from bnarray._fast import _numba as kernels
+
+        monkeypatch.delenv(NUMBA_ENV, raising=False)
+    else:
+        kernels = _numpy
+        monkeypatch.setenv(NUMBA_ENV, "0")
+    assert kernels_for(np_compat) is kernels
+    return kernels
 
 
 def _channel_shape(shape, axis):
@@ -81,7 +102,7 @@ def _assert_matches(fast, generic, dtype):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
 def test_fast_path_matches_generic_path(
-    monkeypatch, shape, axis, dtype, training, affine
+    numpy_kernels, monkeypatch, shape, axis, dtype, training, affine
 ):
     x, dy, w, b, rm, rv = _inputs(shape, axis, dtype)
     if not affine:
@@ -96,7 +117,7 @@ def test_fast_path_matches_generic_path(
     ("shape", "axis"), [((3, 37, 41, 43), 1), ((3, 41, 43, 37), -1)]
 )
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fast_path_matches_float64_reference(shape, axis, dtype):
+def test_fast_path_matches_float64_reference(numpy_kernels, shape, axis, dtype):
     x, dy, w, b, _, _ = _inputs(shape, axis, dtype)
     out = _run(x, dy, w, b, None, None, axis=axis, training=True)
     reduce_axes = tuple(a for a in range(len(shape)) if a != axis % len(shape))
@@ -125,7 +146,7 @@ def test_fast_path_matches_float64_reference(shape, axis, dtype):
 
 
 @pytest.mark.parametrize(("shape", "axis"), [((64, 8, 1000), 1), ((64, 1000, 8), -1)])
-def test_statistics_stay_accurate_for_a_large_mean(shape, axis):
+def test_statistics_stay_accurate_for_a_large_mean(numpy_kernels, shape, axis):
     rng = np.random.default_rng(3)
     x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
     _, ctx = bn.batch_norm_forward(x, axis=axis)
@@ -143,7 +164,7 @@ def test_statistics_stay_accurate_for_a_large_mean(shape, axis):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("training", [True, False])
 def test_fast_path_never_writes_inputs_nor_returns_views_of_them(
-    shape, axis, dtype, training
+    numpy_kernels, shape, axis, dtype, training
 ):
     arrays = _inputs(shape, axis, dtype)
     copies = [a.copy() for a in arrays]
@@ -158,7 +179,7 @@ def test_fast_path_never_writes_inputs_nor_returns_views_of_them(
     assert not np.shares_memory(out["y"], out["dx"])
 
 
-def test_non_contiguous_input_matches_generic_path(monkeypatch):
+def test_non_contiguous_input_matches_generic_path(numpy_kernels, monkeypatch):
     x, dy, w, b, _, _ = _inputs((43, 41, 37, 3), 2, np.float32)
     xt, dyt = x.transpose(3, 2, 1, 0), dy.transpose(3, 2, 1, 0)
     fast = _run(xt, dyt, w, b, None, None, axis=1, training=True)
@@ -167,10 +188,92 @@ def test_non_contiguous_input_matches_generic_path(monkeypatch):
     _assert_matches(fast, generic, np.float32)
 
 
-def test_numpy_arrays_get_the_numpy_kernels(monkeypatch):
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((5, 37, 301), 1), ((129, 11, 3), -1), ((2, 3, 140_001), 1)]
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_elementwise_kernels_round_exactly_like_the_generic_path(
+    numpy_kernels, shape, axis, dtype
+):
+    # Same per-channel values in, so the same operations in the same order
+    # must give the same bits: no fused multiply-add, no folded constants.
+    x, dy, *_ = _inputs(shape, axis, dtype)
+    cs = tuple(n if a == axis % len(shape) else 1 for a, n in enumerate(shape))
+    rng = np.random.default_rng(1)
+    mean, scale, shift, xc_scale = (
+        rng.standard_normal(cs).astype(np.promote_types(dtype, np.float32))
+        for _ in range(4)
+    )
+    for args in [(mean, scale, shift), (mean, scale, None)]:
+        np.testing.assert_array_equal(
+            numpy_kernels.normalize(x, *args, xp=np_compat),
+            _math.normalize(x, *args, xp=np_compat),
+        )
+    for args in [(mean, scale, xc_scale, shift), (mean, scale, None, None)]:
+        np.testing.assert_array_equal(
+            numpy_kernels.grad_input(dy, x, *args, xp=np_compat),
+            _math.grad_input(dy, x, *args, xp=np_compat),
+        )
+
+
+@pytest.mark.parametrize("scale", [1.0, 1 / 3, 3.7, 1e-3, 1e5])
+def test_every_float16_converts_and_rounds_like_numpy(numpy_kernels, scale):
+    # All 65 536 float16 bit patterns, widened, scaled and rounded back to
+    # float16: overflow, subnormals, ties, infinities and NaN included.
+    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(-1, 1)
+    zero = np.zeros((1, 1), np.float32)
+    factor = np.full((1, 1), scale, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # NumPy warns on inf, NaN
+        expected = (x.astype(np.float32) * factor).astype(np.float16)
+        y = numpy_kernels.normalize(x, zero, factor, None, xp=np_compat)
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(y), nan)
+    np.testing.assert_array_equal(
+        y.view(np.uint16)[~nan], expected.view(np.uint16)[~nan]
+    )
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="Numba is not installed")
+def test_float16_goes_to_the_numpy_kernels_without_hardware_conversion(monkeypatch):
+    from bnarray._fast import _numba
+
+    monkeypatch.setattr(_numba, "HARDWARE_HALF", False)
+    x, dy, *_ = _inputs((3, 37, 41, 43), 1, np.float16)
+    reduce_axes = (0, 2, 3)
+    stats = _numba.batch_stats(x, reduce_axes, xp=np_compat)
+    mean, var = _numpy.batch_stats(x, reduce_axes, xp=np_compat)
+    scale = 1 / np.sqrt(var + 1e-5)
+    outputs = [
+        (stats, (mean, var)),
+        (
+            _numba.normalize(x, mean, scale, mean, xp=np_compat),
+            _numpy.normalize(x, mean, scale, mean, xp=np_compat),
+        ),
+        (
+            _numba.grad_sums(dy, x, mean, reduce_axes, xp=np_compat),
+            _numpy.grad_sums(dy, x, mean, reduce_axes, xp=np_compat),
+        ),
+        (
+            _numba.grad_input(dy, x, mean, scale, scale, mean, xp=np_compat),
+            _numpy.grad_input(dy, x, mean, scale, scale, mean, xp=np_compat),
+        ),
+    ]
+    for got, expected in outputs:
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_numpy_arrays_get_the_numba_kernels_where_numba_is_installed(monkeypatch):
     monkeypatch.delenv(FORCE_GENERIC_ENV, raising=False)
-    assert kernels_for(np_compat) is _numpy
+    monkeypatch.delenv(NUMBA_ENV, raising=False)
+    kernels = kernels_for(np_compat)
+    assert kernels.__name__ == f"bnarray._fast.{'_numba' if HAVE_NUMBA else '_numpy'}"
     monkeypatch.setenv(FORCE_GENERIC_ENV, "0")
+    assert kernels_for(np_compat) is kernels
+
+
+def test_environment_variable_turns_numba_off(monkeypatch):
+    monkeypatch.delenv(FORCE_GENERIC_ENV, raising=False)
+    monkeypatch.setenv(NUMBA_ENV, "0")
     assert kernels_for(np_compat) is _numpy
 
 
@@ -246,7 +349,7 @@ def test_cupy_fast_path_matches_generic_path_on_views(monkeypatch, view, trainin
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_fast_path_works_in_a_forked_child():
+def test_fast_path_works_in_a_forked_child(numpy_kernels):
     x, dy, w, b, rm, rv = _inputs((3, 37, 41, 43), 1, np.float32)
     expected = _run(x, dy, w, b, rm, rv, axis=1, training=True)  # starts the threads
     with warnings.catch_warnings():

@@ -2,30 +2,52 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from types import ModuleType
 
 from .. import _math
 from .._compat import Namespace, is_cupy_namespace, is_numpy_namespace
 
-__all__ = ["FORCE_GENERIC_ENV", "kernels_for"]
+__all__ = ["FORCE_GENERIC_ENV", "NUMBA_ENV", "kernels_for"]
 
 FORCE_GENERIC_ENV = "BNARRAY_GENERIC"
 """Set this environment variable to ``1`` to use the generic array-API kernels everywhere."""
+
+NUMBA_ENV = "BNARRAY_NUMBA"
+"""Set this environment variable to ``0`` to run NumPy arrays without Numba when it is installed."""
+
+
+def _off(name: str, default: str) -> bool:
+    return os.environ.get(name, default) in ("", "0")
+
+
+@functools.cache
+def _numba_kernels() -> ModuleType | None:
+    try:
+        from . import _numba
+    except ImportError:  # Numba is optional
+        return None
+    return _numba
 
 
 def kernels_for(xp: Namespace) -> ModuleType:
     """The module whose ``batch_stats``, ``normalize``, ``grad_sums`` and
     ``grad_input`` serve arrays of `xp`.
 
-    NumPy gets the cache-blocked kernels of ``_numpy``, CuPy the fused CUDA
-    kernels of ``_cupy`` (imported only then); every other namespace, and every
-    namespace when the environment variable ``BNARRAY_GENERIC`` is set to
-    anything but ``0``, gets the generic array-API kernels of ``_math``.
+    NumPy gets the compiled loops of ``_numba`` where Numba is installed (and
+    the environment variable ``BNARRAY_NUMBA`` is not ``0``), else the
+    cache-blocked kernels of ``_numpy``; CuPy gets the fused CUDA kernels of
+    ``_cupy`` (imported only then); every other namespace, and every namespace
+    when ``BNARRAY_GENERIC`` is set to anything but ``0``, gets the generic
+    array-API kernels of ``_math``.
     """
-    if os.environ.get(FORCE_GENERIC_ENV, "0") not in ("", "0"):
+    if not _off(FORCE_GENERIC_ENV, "0"):
         return _math
     if is_numpy_namespace(xp):
+        numba = None if _off(NUMBA_ENV, "1") else _numba_kernels()
+        if numba is not None:
+            return numba
         from . import _numpy
 
         return _numpy

@@ -1,0 +1,412 @@
+"""NumPy kernels compiled with Numba: one fused loop per kernel (used when Numba is installed).
+
+The same four kernels as ``_numpy``, over the same (A, C, B) views, blocks and
+threads; only the work on a block differs. Where ``_numpy`` runs three to five
+NumPy operations over each block, these loops read each input element once
+and write each output element once, in registers, in the same order of
+roundings as the generic path. Numba has no float16 on the CPU: float16 arrays
+are passed as their bits and converted by the CPU's own instructions (round to
+nearest even, as NumPy does). The loops release the GIL and run on
+``_numpy``'s thread pool, not Numba's threading layer, so there is nothing to
+set up and they work after ``os.fork``.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import llvmlite.binding as llvm
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+from .. import _math
+from .._compat import Array, Namespace
+from . import _numpy
+from ._numpy import _channel_shape, _run, _view3
+
+__all__ = ["batch_stats", "grad_input", "grad_sums", "normalize"]
+
+
+@intrinsic
+def _half_to_float(typingctx: Any, v: Any) -> Any:
+    """The float32 value of float16 bits (exact)."""
+    if v != types.uint16:
+        return None
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _float_to_half(typingctx: Any, v: Any) -> Any:
+    """The float16 bits of a float32, rounded to nearest even."""
+    if v != types.float32:
+        return None
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        half = builder.fptrunc(args[0], ir.HalfType())
+        return builder.bitcast(half, ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+def _hardware_half() -> bool:
+    """Whether this CPU converts float16 in hardware (x86 F16C, every ARM64).
+
+    Without it LLVM would call runtime-library functions that Numba's JIT may
+    not provide: float16 arrays then take the ``_numpy`` kernels.
+    """
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return True
+    if machine not in ("x86_64", "amd64"):
+        return False
+    try:
+        features = llvm.get_host_cpu_features()
+    except RuntimeError:
+        return False
+    return bool(features.get("f16c", False))
+
+
+HARDWARE_HALF = _hardware_half()
+
+
+def _load(v: Any) -> Any:
+    """An element as a value of the compute dtype (float16 bits become float32)."""
+    raise NotImplementedError  # only called from compiled code
+
+
+def _store(v: Any, like: Any) -> Any:
+    """A compute-dtype value as an element of an array with elements like `like`."""
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_load)
+def _load_impl(v: Any) -> Any:
+    def from_bits(v: Any) -> Any:
+        return _half_to_float(v)
+
+    def as_is(v: Any) -> Any:
+        return v
+
+    return from_bits if v == types.uint16 else as_is
+
+
+@overload(_store)
+def _store_impl(v: Any, like: Any) -> Any:
+    def to_bits(v: Any, like: Any) -> Any:
+        return _float_to_half(np.float32(v))
+
+    def as_is(v: Any, like: Any) -> Any:
+        return v
+
+    return to_bits if like == types.uint16 else as_is
+
+
+# Reductions may be reassociated (vectorized float64 accumulators); the
+# elementwise loops keep the generic path's order of roundings. Every inner
+# loop runs over 1-D slices from index 0, so that the compiler knows the
+# indices are in bounds and non-negative, and vectorizes.
+_REDUCE = {"nogil": True, "cache": True, "fastmath": {"reassoc"}}
+_MAP = {"nogil": True, "cache": True}
+
+
+@numba.njit(**_REDUCE)
+def _stats_blocks(x: Any, shift: Any, bounds: Any, sums: Any) -> None:
+    for k in range(bounds.shape[0]):
+        a0, a1, c0, c1, b0, b1 = bounds[k]
+        for a in range(a0, a1):
+            for c in range(c0, c1):
+                row = x[a, c, b0:b1]
+                s = shift[c]
+                s1 = 0.0
+                s2 = 0.0
+                for i in range(row.shape[0]):
+                    d = np.float64(_load(row[i]) - s)
+                    s1 += d
+                    s2 += d * d
+                sums[0, c] += s1
+                sums[1, c] += s2
+
+
+@numba.njit(**_REDUCE)
+def _stats_rows(x: Any, shift: Any, bounds: Any, sums: Any) -> None:
+    # Channels innermost (B == 1): one accumulator per channel.
+    for k in range(bounds.shape[0]):
+        a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
+        sh, s1, s2 = shift[c0:c1], sums[0, c0:c1], sums[1, c0:c1]
+        for a in range(a0, a1):
+            row = x[a, c0:c1]
+            for i in range(row.shape[0]):
+                d = np.float64(_load(row[i]) - sh[i])
+                s1[i] += d
+                s2[i] += d * d
+
+
+@numba.njit(**_REDUCE)
+def _grad_sums_blocks(dy: Any, x: Any, mean: Any, bounds: Any, sums: Any) -> None:
+    for k in range(bounds.shape[0]):
+        a0, a1, c0, c1, b0, b1 = bounds[k]
+        for a in range(a0, a1):
+            for c in range(c0, c1):
+                g, xr = dy[a, c, b0:b1], x[a, c, b0:b1]
+                m = mean[c]
+                s1 = 0.0
+                s2 = 0.0
+                for i in range(g.shape[0]):
+                    gi = _load(g[i])
+                    s1 += np.float64(gi)
+                    s2 += np.float64(gi * (_load(xr[i]) - m))
+                sums[0, c] += s1
+                sums[1, c] += s2
+
+
+@numba.njit(**_REDUCE)
+def _grad_sums_rows(dy: Any, x: Any, mean: Any, bounds: Any, sums: Any) -> None:
+    for k in range(bounds.shape[0]):
+        a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
+        m, s1, s2 = mean[c0:c1], sums[0, c0:c1], sums[1, c0:c1]
+        for a in range(a0, a1):
+            g, xr = dy[a, c0:c1], x[a, c0:c1]
+            for i in range(g.shape[0]):
+                gi = _load(g[i])
+                s1[i] += np.float64(gi)
+                s2[i] += np.float64(gi * (_load(xr[i]) - m[i]))
+
+
+@numba.njit(**_MAP)
+def _normalize_blocks(
+    x: Any, mean: Any, scale: Any, shift: Any, y: Any, bounds: Any
+) -> None:
+    for k in range(bounds.shape[0]):
+        a0, a1, c0, c1, b0, b1 = bounds[k]
+        for a in range(a0, a1):
+            for c in range(c0, c1):
+                xr, yr = x[a, c, b0:b1], y[a, c, b0:b1]
+                m = mean[c]
+                s = scale[c]
+                if shift is None:
+                    for i in range(xr.shape[0]):
+                        yr[i] = _store((_load(xr[i]) - m) * s, yr[0])
+                else:
+                    t = shift[c]
+                    for i in range(xr.shape[0]):
+                        yr[i] = _store((_load(xr[i]) - m) * s + t, yr[0])
+
+
+@numba.njit(**_MAP)
+def _normalize_rows(
+    x: Any, mean: Any, scale: Any, shift: Any, y: Any, bounds: Any
+) -> None:
+    for k in range(bounds.shape[0]):
+        a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
+        m, s = mean[c0:c1], scale[c0:c1]
+        for a in range(a0, a1):
+            xr, yr = x[a, c0:c1], y[a, c0:c1]
+            if shift is None:
+                for i in range(xr.shape[0]):
+                    yr[i] = _store((_load(xr[i]) - m[i]) * s[i], yr[0])
+            else:
+                t = shift[c0:c1]
+                for i in range(xr.shape[0]):
+                    yr[i] = _store((_load(xr[i]) - m[i]) * s[i] + t[i], yr[0])
+
+
+@numba.njit(**_MAP)
+def _grad_input_blocks(
+    dy: Any,
+    x: Any,
+    mean: Any,
+    dy_scale: Any,
+    xc_scale: Any,
+    shift: Any,
+    dx: Any,
+    bounds: Any,
+) -> None:
+    for k in range(bounds.shape[0]):
+        a0, a1, c0, c1, b0, b1 = bounds[k]
+        for a in range(a0, a1):
+            for c in range(c0, c1):
+                g, out = dy[a, c, b0:b1], dx[a, c, b0:b1]
+                s = dy_scale[c]
+                if xc_scale is None:
+                    for i in range(g.shape[0]):
+                        out[i] = _store(_load(g[i]) * s, out[0])
+                else:
+                    xr = x[a, c, b0:b1]
+                    m = mean[c]
+                    r = xc_scale[c]
+                    t = shift[c]
+                    for i in range(g.shape[0]):
+                        v = _load(g[i]) * s + (_load(xr[i]) - m) * r + t
+                        out[i] = _store(v, out[0])
+
+
+@numba.njit(**_MAP)
+def _grad_input_rows(
+    dy: Any,
+    x: Any,
+    mean: Any,
+    dy_scale: Any,
+    xc_scale: Any,
+    shift: Any,
+    dx: Any,
+    bounds: Any,
+) -> None:
+    for k in range(bounds.shape[0]):
+        a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
+        s = dy_scale[c0:c1]
+        for a in range(a0, a1):
+            g, out = dy[a, c0:c1], dx[a, c0:c1]
+            if xc_scale is None:
+                for i in range(g.shape[0]):
+                    out[i] = _store(_load(g[i]) * s[i], out[0])
+            else:
+                xr = x[a, c0:c1]
+                m, r, t = mean[c0:c1], xc_scale[c0:c1], shift[c0:c1]
+                for i in range(g.shape[0]):
+                    v = _load(g[i]) * s[i] + (_load(xr[i]) - m[i]) * r[i] + t[i]
+                    out[i] = _store(v, out[0])
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """`a` as the loops take it: float16 as its bits, channels-innermost views as 2-D."""
+    if a.dtype == np.float16:
+        a = a.view(np.uint16)
+    return a.reshape(a.shape[:2]) if a.shape[2] == 1 else a
+
+
+def _channel_values(v: Array | None, c: int, dtype: np.dtype) -> np.ndarray | None:
+    return None if v is None else np.ascontiguousarray(v, dtype=dtype).reshape(c)
+
+
+def _bounds(blocks: list[tuple[slice, slice, slice]]) -> np.ndarray:
+    return np.array(
+        [
+            (ia.start, ia.stop, ic.start, ic.stop, ib.start, ib.stop)
+            for ia, ic, ib in blocks
+        ],
+        dtype=np.int64,
+    )
+
+
+def batch_stats(
+    x: Array, reduce_axes: tuple[int, ...], *, xp: Namespace
+) -> tuple[Array, Array]:
+    """Per-channel mean and biased variance: see :func:`bnarray._math.batch_stats`.
+
+    One pass over memory: the deviations from a per-channel shift (the mean of
+    a first sample of the channel), and their squares, are summed in float64.
+    """
+    if x.dtype == np.float16 and not HARDWARE_HALF:
+        return _numpy.batch_stats(x, reduce_axes, xp=xp)
+    channel_shape = _channel_shape(x, reduce_axes)
+    x3 = _view3(x, channel_shape)
+    if x3 is None:
+        return _math.batch_stats(x, reduce_axes, xp=xp)
+    dtype = np.promote_types(x.dtype, np.float32)  # _math.compute_dtype
+    a, c, b = x3.shape
+    sample = x3[: max(1, min(a, 64 // b)), :, : min(b, 4096)]
+    shift = sample.mean(axis=(0, 2), dtype=np.float64).astype(dtype)
+    xb = _bits(x3)
+    loop = _stats_blocks if xb.ndim == 3 else _stats_rows
+
+    def work(blocks: list[tuple[slice, slice, slice]]) -> np.ndarray:
+        sums = np.zeros((2, c), dtype=np.float64)
+        loop(xb, shift, _bounds(blocks), sums)
+        return sums
+
+    sums = sum(_run(work, x3.shape))
+    m = a * b
+    dmean = sums[0] / m
+    var = np.maximum(sums[1] / m - dmean * dmean, 0.0)
+    mean = shift + dmean
+    return mean.astype(dtype).reshape(channel_shape), var.astype(dtype).reshape(
+        channel_shape
+    )
+
+
+def normalize(
+    x: Array, mean: Array, scale: Array, shift: Array | None, *, xp: Namespace
+) -> Array:
+    """``(x - mean) * scale + shift``: see :func:`bnarray._math.normalize`."""
+    if x.dtype == np.float16 and not HARDWARE_HALF:
+        return _numpy.normalize(x, mean, scale, shift, xp=xp)
+    x3 = _view3(x, tuple(mean.shape))
+    if x3 is None:
+        return _math.normalize(x, mean, scale, shift, xp=xp)
+    dtype = np.dtype(mean.dtype)
+    c = x3.shape[1]
+    y = np.empty_like(x)
+    xb, yb = _bits(x3), _bits(y.reshape(x3.shape))
+    loop = _normalize_blocks if xb.ndim == 3 else _normalize_rows
+    values = [_channel_values(v, c, dtype) for v in (mean, scale, shift)]
+    _run(lambda blocks: loop(xb, *values, yb, _bounds(blocks)), x3.shape)
+    return y
+
+
+def grad_sums(
+    dy: Array, x: Array, mean: Array, reduce_axes: tuple[int, ...], *, xp: Namespace
+) -> tuple[Array, Array]:
+    """Per-channel ``Σ dy`` and ``Σ dy · (x - mean)``: see :func:`bnarray._math.grad_sums`."""
+    if x.dtype == np.float16 and not HARDWARE_HALF:
+        return _numpy.grad_sums(dy, x, mean, reduce_axes, xp=xp)
+    channel_shape = _channel_shape(x, reduce_axes)
+    x3 = _view3(x, channel_shape)
+    dy3 = _view3(dy, channel_shape)
+    if x3 is None or dy3 is None or dy.dtype != x.dtype:
+        return _math.grad_sums(dy, x, mean, reduce_axes, xp=xp)
+    dtype = np.dtype(mean.dtype)
+    c = x3.shape[1]
+    dyb, xb = _bits(dy3), _bits(x3)
+    mean_c = _channel_values(mean, c, dtype)
+    loop = _grad_sums_blocks if xb.ndim == 3 else _grad_sums_rows
+
+    def work(blocks: list[tuple[slice, slice, slice]]) -> np.ndarray:
+        sums = np.zeros((2, c), dtype=np.float64)
+        loop(dyb, xb, mean_c, _bounds(blocks), sums)
+        return sums
+
+    sums = sum(_run(work, x3.shape))
+    return (
+        sums[0].astype(dtype).reshape(channel_shape),
+        sums[1].astype(dtype).reshape(channel_shape),
+    )
+
+
+def grad_input(
+    dy: Array,
+    x: Array,
+    mean: Array,
+    dy_scale: Array,
+    xc_scale: Array | None,
+    shift: Array | None,
+    *,
+    xp: Namespace,
+) -> Array:
+    """``dy * dy_scale + (x - mean) * xc_scale + shift``: see
+    :func:`bnarray._math.grad_input`."""
+    if x.dtype == np.float16 and not HARDWARE_HALF:
+        return _numpy.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp)
+    x3 = _view3(x, tuple(mean.shape))
+    dy3 = _view3(dy, tuple(mean.shape))
+    if x3 is None or dy3 is None or dy.dtype != x.dtype:
+        return _math.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp)
+    dtype = np.dtype(mean.dtype)
+    c = x3.shape[1]
+    if (xc_scale is None) != (shift is None):  # one loop serves both: add a zero
+        zero = np.zeros(c, dtype=dtype)
+        xc_scale = zero if xc_scale is None else xc_scale
+        shift = zero if shift is None else shift
+    dx = np.empty_like(x)
+    dyb, xb, dxb = _bits(dy3), _bits(x3), _bits(dx.reshape(x3.shape))
+    loop = _grad_input_blocks if xb.ndim == 3 else _grad_input_rows
+    values = [_channel_values(v, c, dtype) for v in (mean, dy_scale, xc_scale, shift)]
+    _run(lambda blocks: loop(dyb, xb, *values, dxb, _bounds(blocks)), x3.shape)
+    return dx
