@@ -12,10 +12,12 @@ it times, as the median over repeated runs after a warm-up:
 - ``fwd+bwd``: both;
 - ``infer``: inference forward with running statistics;
 
-for three implementations: bnarray's NumPy fast path (``bnarray``), bnarray's
-generic array-API path (``generic``, with ``BNARRAY_GENERIC=1``) and PyTorch's
-``F.batch_norm`` with autograd (``torch``, with as many threads as bnarray uses;
-channels-last tensors for NHWC). The roof is the time the memory traffic of an
+for bnarray's NumPy fast path (``bnarray``: the Numba loops where Numba is
+installed), the same without Numba (``numpy``, with ``BNARRAY_NUMBA=0``; only
+timed when Numba is installed), bnarray's generic array-API path (``generic``,
+with ``BNARRAY_GENERIC=1``) and PyTorch's ``F.batch_norm`` with autograd
+(``torch``, with as many threads as bnarray uses; channels-last tensors for
+NHWC). The roof is the time the memory traffic of an
 operation would take at the bandwidth of a large NumPy copy: the training
 forward reads x twice and writes y, the backward reads x and dy twice and
 writes dx, inference reads x and writes y. "Extra memory" is the peak of
@@ -42,7 +44,7 @@ from typing import Any
 import numpy as np
 
 import bnarray as bn
-from bnarray._fast import FORCE_GENERIC_ENV
+from bnarray._fast import FORCE_GENERIC_ENV, NUMBA_ENV, kernels_for
 from bnarray._fast import _numpy as fast_numpy
 
 SHAPES = [(32, 64, 56, 56), (256, 256, 14, 14), (64, 128, 56, 56)]
@@ -181,17 +183,27 @@ def torch_case(
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd, "infer": infer}
 
 
-def generic(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """`fn` run with bnarray's generic array-API kernels instead of the NumPy ones."""
+def with_env(fn: Callable[[], Any], name: str, value: str) -> Callable[[], Any]:
+    """`fn` run with the environment variable `name` set to `value`."""
 
     def wrapped() -> Any:
-        os.environ[FORCE_GENERIC_ENV] = "1"
+        os.environ[name] = value
         try:
             return fn()
         finally:
-            del os.environ[FORCE_GENERIC_ENV]
+            del os.environ[name]
 
     return wrapped
+
+
+def generic(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` run with bnarray's generic array-API kernels instead of the NumPy ones."""
+    return with_env(fn, FORCE_GENERIC_ENV, "1")
+
+
+def numpy_only(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` run with the NumPy-only kernels where Numba is installed."""
+    return with_env(fn, NUMBA_ENV, "0")
 
 
 def cpu_name() -> str:
@@ -204,6 +216,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def numba_version() -> str:
+    import numba
+
+    return str(numba.__version__)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         import torch
@@ -211,6 +229,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch = None
         print("PyTorch not installed: timing bnarray only", file=sys.stderr)
     threads = fast_numpy._num_threads()
+    numba = kernels_for(np).__name__.endswith("_numba")
+    if not numba:
+        print("Numba not installed: timing the NumPy-only kernels", file=sys.stderr)
     if torch is not None:
         torch.set_num_threads(threads)
     shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -220,6 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bandwidth = copy_bandwidth()
     print(
         f"{cpu_name()}, {threads} threads, NumPy {np.__version__}"
+        + (f", Numba {numba_version()}" if numba else "")
         + (f", PyTorch {torch.__version__}" if torch is not None else "")
         + f"; copy bandwidth {bandwidth / 1e9:.1f} GB/s; median of {repeat}"
     )
@@ -232,10 +254,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 x = (rng.standard_normal(shape, dtype=np.float32) * 2 + 3).astype(dtype)
                 dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
                 fns = numpy_case(x, dy, axis)
-                cases = {
-                    "bnarray": fns,
-                    "generic": {k: generic(f) for k, f in fns.items()},
-                }
+                cases = {"bnarray": fns}
+                if numba:
+                    cases["numpy"] = {k: numpy_only(f) for k, f in fns.items()}
+                cases["generic"] = {k: generic(f) for k, f in fns.items()}
                 if torch is not None:
                     cases["torch"] = torch_case(torch, x, dy, axis)
                 for op in OPS:
@@ -253,8 +275,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         ops, repeat=repeat, warmup=warmup
                     ).items():
                         row[f"{impl}_ms"] = 1e3 * t
-                    for impl in ("bnarray", "generic"):
-                        row[f"{impl}_extra_mb"] = extra_memory(ops[impl]) / 1e6
+                    for impl in ("bnarray", "numpy", "generic"):
+                        if impl in ops:
+                            row[f"{impl}_extra_mb"] = extra_memory(ops[impl]) / 1e6
                     results.append(row)
                     print_row(row, header=len(results) == 1)
     return {
@@ -264,6 +287,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "threads": threads,
             "python": platform.python_version(),
             "numpy": np.__version__,
+            "numba": numba_version() if numba else None,
             "torch": None if torch is None else torch.__version__,
             "copy_bandwidth_gbs": bandwidth / 1e9,
             # Other work on the machine slows every implementation; they take
@@ -279,6 +303,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 COLUMNS = (
     f"{'shape':<16}{'layout':<7}{'dtype':<8}{'op':<8}{'torch ms':>9}"
     f"{'bnarray ms':>11}{'x torch':>8}{'% roof':>7}{'extra MB':>9}"
+    f"{'numpy ms':>10}{'x torch':>8}"
     f"{'generic ms':>11}{'x torch':>8}{'extra MB':>9}{'roof ms':>8}"
 )
 
@@ -303,6 +328,8 @@ def print_row(row: dict[str, Any], *, header: bool) -> None:
         f"{fmt(row.get('torch_ms'), '.2f'):>9}{row['bnarray_ms']:>11.2f}"
         f"{fmt(ratio(row, 'bnarray'), '.2f'):>8}"
         f"{100 * row['roof_ms'] / row['bnarray_ms']:>7.0f}{row['bnarray_extra_mb']:>9.1f}"
+        f"{fmt(row.get('numpy_ms'), '.2f'):>10}"
+        f"{fmt(ratio(row, 'numpy') if 'numpy_ms' in row else None, '.2f'):>8}"
         f"{row['generic_ms']:>11.2f}{fmt(ratio(row, 'generic'), '.2f'):>8}"
         f"{row['generic_extra_mb']:>9.1f}{row['roof_ms']:>8.2f}",
         flush=True,
@@ -315,30 +342,37 @@ def summarize(data: dict[str, Any]) -> None:
     for dtype in sorted({r["dtype"] for r in data["results"]}, reverse=True):
         rows = [r for r in data["results"] if r["dtype"] == dtype]
         checks = []
-        for layout, limit in [("NCHW", 0.6), ("NHWC", 1.0)]:
-            ratios = [
-                ratio(r, "bnarray") or 0.0
-                for r in rows
-                if r["layout"] == layout and r["op"] == "fwd+bwd"
-            ]
-            if ratios:
-                checks.append(
-                    (
-                        f"fwd+bwd {layout} <= {limit}x torch",
-                        max(ratios),
-                        max(ratios) <= limit,
+        for impl in ("bnarray", "numpy"):
+            if f"{impl}_ms" not in rows[0]:
+                continue
+            name = "" if impl == "bnarray" else " (without Numba)"
+            for layout, limit in [("NCHW", 0.6), ("NHWC", 1.0)]:
+                ratios = [
+                    ratio(r, impl) or 0.0
+                    for r in rows
+                    if r["layout"] == layout and r["op"] == "fwd+bwd"
+                ]
+                if ratios:
+                    worst = max(ratios)
+                    checks.append(
+                        (
+                            f"fwd+bwd {layout} <= {limit}x torch{name}",
+                            worst,
+                            worst <= limit,
+                        )
                     )
+            big = [r for r in rows if r["input_mb"] > 100 and r["op"] == "fwd+bwd"]
+            if big:
+                roof = min(100 * r["roof_ms"] / r[f"{impl}_ms"] for r in big)
+                checks.append(
+                    (f"fwd+bwd % of roof, >100 MB, >= 60{name}", roof, roof >= 60)
                 )
-        big = [r for r in rows if r["input_mb"] > 100 and r["op"] == "fwd+bwd"]
-        if big:
-            roof = min(100 * r["roof_ms"] / r["bnarray_ms"] for r in big)
-            checks.append(("fwd+bwd % of roof, >100 MB input, >= 60", roof, roof >= 60))
-        memory = max(r["bnarray_extra_mb"] / r["input_mb"] for r in rows)
-        checks.append(("extra memory / input <= 1", memory, memory <= 1))
+            memory = max(r[f"{impl}_extra_mb"] / r["input_mb"] for r in rows)
+            checks.append((f"extra memory / input <= 1{name}", memory, memory <= 1))
         generic = max((ratio(r, "generic") or 0.0 for r in rows), default=0.0)
         checks.append(("generic path <= 2.5x torch", generic, generic <= 2.5))
         for name, value, ok in checks:
-            print(f"  {dtype:<8} {name:<40} {value:7.2f}  {'met' if ok else 'NOT met'}")
+            print(f"  {dtype:<8} {name:<50} {value:7.2f}  {'met' if ok else 'NOT met'}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,10 +34,22 @@ def plot(data: dict, out: Path) -> None:
             if r["op"] == op
         }
         ys = range(len(cases))
-        for offset, impl, color in [(-0.2, "bnarray", "C0"), (0.2, "generic", "C7")]:
+        impls = [
+            (impl, color)
+            for impl, color in [("bnarray", "C0"), ("numpy", "C2"), ("generic", "C7")]
+            if f"{impl}_ms" in rows[0]
+        ]
+        height = 0.8 / len(impls)
+        for i, (impl, color) in enumerate(impls):
+            offset = (i - (len(impls) - 1) / 2) * height
             values = [by_case[c][f"{impl}_ms"] / by_case[c]["torch_ms"] for c in cases]
+            label = {"numpy": "bnarray without Numba"}.get(impl, impl)
             ax.barh(
-                [y + offset for y in ys], values, height=0.4, color=color, label=impl
+                [y + offset for y in ys],
+                values,
+                height=height,
+                color=color,
+                label=label,
             )
         roof = [by_case[c]["roof_ms"] / by_case[c]["torch_ms"] for c in cases]
         ax.scatter(
@@ -65,10 +77,15 @@ def plot(data: dict, out: Path) -> None:
 
 def markdown_table(data: dict) -> str:
     """The results as a Markdown table, for docs/benchmarks.md."""
+    numpy = "numpy_ms" in data["results"][0]
     lines = [
         "| shape | layout | dtype | op | PyTorch ms | bnarray ms | × PyTorch | % of roof "
-        "| extra MB | generic ms | × PyTorch |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| extra MB |"
+        + (" without Numba ms | × PyTorch |" if numpy else "")
+        + " generic ms | × PyTorch |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|"
+        + ("--:|--:|" if numpy else "")
+        + "--:|--:|",
     ]
     for r in data["results"]:
         torch_ms = r["torch_ms"]
@@ -76,7 +93,12 @@ def markdown_table(data: dict) -> str:
             f"| {'×'.join(map(str, r['shape']))} | {r['layout']} | {r['dtype']} | {r['op']} "
             f"| {torch_ms:.1f} | {r['bnarray_ms']:.1f} | {r['bnarray_ms'] / torch_ms:.2f} "
             f"| {100 * r['roof_ms'] / r['bnarray_ms']:.0f} | {r['bnarray_extra_mb']:.1f} "
-            f"| {r['generic_ms']:.1f} | {r['generic_ms'] / torch_ms:.2f} |"
+            + (
+                f"| {r['numpy_ms']:.1f} | {r['numpy_ms'] / torch_ms:.2f} "
+                if numpy
+                else ""
+            )
+            + f"| {r['generic_ms']:.1f} | {r['generic_ms'] / torch_ms:.2f} |"
         )
     return "\n".join(lines)
 
