@@ -109,30 +109,37 @@ def _store_impl(v: Any, like: Any) -> Any:
     return to_bits if like == types.uint16 else as_is
 
 
-# Reductions may be reassociated (vectorized float64 accumulators); the
-# elementwise loops keep the generic path's order of roundings. Every inner
-# loop runs over 1-D slices from index 0, so that the compiler knows the
-# indices are in bounds and non-negative, and vectorizes.
+# Reductions may be reassociated (vectorized accumulators); the elementwise
+# loops keep the generic path's order of roundings. Every inner loop runs over
+# 1-D slices from index 0, so that the compiler knows the indices are in
+# bounds and non-negative, and vectorizes.
 _REDUCE = {"nogil": True, "cache": True, "fastmath": {"reassoc"}}
 _MAP = {"nogil": True, "cache": True}
+
+# Sums run in the compute dtype over at most this many terms, then go into
+# float64 (float32 accumulators are twice as fast as float64 ones, and stay
+# within a few float32 roundings over 4096 terms).
+_SEGMENT = 4096
 
 
 @numba.njit(**_REDUCE)
 def _stats_blocks(x: Any, shift: Any, bounds: Any, sums: Any) -> None:
+    zero = np.zeros(1, shift.dtype)[0]
     for k in range(bounds.shape[0]):
         a0, a1, c0, c1, b0, b1 = bounds[k]
         for a in range(a0, a1):
             for c in range(c0, c1):
-                row = x[a, c, b0:b1]
                 s = shift[c]
-                s1 = 0.0
-                s2 = 0.0
-                for i in range(row.shape[0]):
-                    d = np.float64(_load(row[i]) - s)
-                    s1 += d
-                    s2 += d * d
-                sums[0, c] += s1
-                sums[1, c] += s2
+                for j in range(b0, b1, _SEGMENT):
+                    row = x[a, c, j : min(j + _SEGMENT, b1)]
+                    s1 = zero
+                    s2 = zero
+                    for i in range(row.shape[0]):
+                        d = _load(row[i]) - s
+                        s1 += d
+                        s2 += d * d
+                    sums[0, c] += s1
+                    sums[1, c] += s2
 
 
 @numba.njit(**_REDUCE)
@@ -140,44 +147,57 @@ def _stats_rows(x: Any, shift: Any, bounds: Any, sums: Any) -> None:
     # Channels innermost (B == 1): one accumulator per channel.
     for k in range(bounds.shape[0]):
         a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
-        sh, s1, s2 = shift[c0:c1], sums[0, c0:c1], sums[1, c0:c1]
-        for a in range(a0, a1):
-            row = x[a, c0:c1]
-            for i in range(row.shape[0]):
-                d = np.float64(_load(row[i]) - sh[i])
-                s1[i] += d
-                s2[i] += d * d
+        sh = shift[c0:c1]
+        for j in range(a0, a1, _SEGMENT):
+            s1 = np.zeros(c1 - c0, shift.dtype)
+            s2 = np.zeros(c1 - c0, shift.dtype)
+            for a in range(j, min(j + _SEGMENT, a1)):
+                row = x[a, c0:c1]
+                for i in range(row.shape[0]):
+                    d = _load(row[i]) - sh[i]
+                    s1[i] += d
+                    s2[i] += d * d
+            sums[0, c0:c1] += s1
+            sums[1, c0:c1] += s2
 
 
 @numba.njit(**_REDUCE)
 def _grad_sums_blocks(dy: Any, x: Any, mean: Any, bounds: Any, sums: Any) -> None:
+    zero = np.zeros(1, mean.dtype)[0]
     for k in range(bounds.shape[0]):
         a0, a1, c0, c1, b0, b1 = bounds[k]
         for a in range(a0, a1):
             for c in range(c0, c1):
-                g, xr = dy[a, c, b0:b1], x[a, c, b0:b1]
                 m = mean[c]
-                s1 = 0.0
-                s2 = 0.0
-                for i in range(g.shape[0]):
-                    gi = _load(g[i])
-                    s1 += np.float64(gi)
-                    s2 += np.float64(gi * (_load(xr[i]) - m))
-                sums[0, c] += s1
-                sums[1, c] += s2
+                for j in range(b0, b1, _SEGMENT):
+                    stop = min(j + _SEGMENT, b1)
+                    g, xr = dy[a, c, j:stop], x[a, c, j:stop]
+                    s1 = zero
+                    s2 = zero
+                    for i in range(g.shape[0]):
+                        gi = _load(g[i])
+                        s1 += gi
+                        s2 += gi * (_load(xr[i]) - m)
+                    sums[0, c] += s1
+                    sums[1, c] += s2
 
 
 @numba.njit(**_REDUCE)
 def _grad_sums_rows(dy: Any, x: Any, mean: Any, bounds: Any, sums: Any) -> None:
     for k in range(bounds.shape[0]):
         a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
-        m, s1, s2 = mean[c0:c1], sums[0, c0:c1], sums[1, c0:c1]
-        for a in range(a0, a1):
-            g, xr = dy[a, c0:c1], x[a, c0:c1]
-            for i in range(g.shape[0]):
-                gi = _load(g[i])
-                s1[i] += np.float64(gi)
-                s2[i] += np.float64(gi * (_load(xr[i]) - m[i]))
+        m = mean[c0:c1]
+        for j in range(a0, a1, _SEGMENT):
+            s1 = np.zeros(c1 - c0, mean.dtype)
+            s2 = np.zeros(c1 - c0, mean.dtype)
+            for a in range(j, min(j + _SEGMENT, a1)):
+                g, xr = dy[a, c0:c1], x[a, c0:c1]
+                for i in range(g.shape[0]):
+                    gi = _load(g[i])
+                    s1[i] += gi
+                    s2[i] += gi * (_load(xr[i]) - m[i])
+            sums[0, c0:c1] += s1
+            sums[1, c0:c1] += s2
 
 
 @numba.njit(**_MAP)
@@ -301,8 +321,9 @@ def batch_stats(
 ) -> tuple[Array, Array]:
     """Per-channel mean and biased variance: see :func:`bnarray._math.batch_stats`.
 
-    One pass over memory: the deviations from a per-channel shift (the mean of
-    a first sample of the channel), and their squares, are summed in float64.
+    One pass over memory: the deviations from a per-channel shift (see
+    ``_numpy._shift``), and their squares, are summed in the
+    compute dtype over runs of at most 4096 values, and the runs in float64.
     """
     if x.dtype == np.float16 and not HARDWARE_HALF:
         return _numpy.batch_stats(x, reduce_axes, xp=xp)
@@ -311,9 +332,8 @@ def batch_stats(
     if x3 is None:
         return _math.batch_stats(x, reduce_axes, xp=xp)
     dtype = np.promote_types(x.dtype, np.float32)  # _math.compute_dtype
-    a, c, b = x3.shape
-    sample = x3[: max(1, min(a, 64 // b)), :, : min(b, 4096)]
-    shift = sample.mean(axis=(0, 2), dtype=np.float64).astype(dtype)
+    c = x3.shape[1]
+    shift = _numpy._shift(x3, dtype)
     xb = _bits(x3)
     loop = _stats_blocks if xb.ndim == 3 else _stats_rows
 
@@ -322,14 +342,7 @@ def batch_stats(
         loop(xb, shift, _bounds(blocks), sums)
         return sums
 
-    sums = sum(_run(work, x3.shape))
-    m = a * b
-    dmean = sums[0] / m
-    var = np.maximum(sums[1] / m - dmean * dmean, 0.0)
-    mean = shift + dmean
-    return mean.astype(dtype).reshape(channel_shape), var.astype(dtype).reshape(
-        channel_shape
-    )
+    return _numpy._stats_from_sums(sum(_run(work, x3.shape)), shift, x3, channel_shape)
 
 
 def normalize(

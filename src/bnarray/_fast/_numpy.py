@@ -200,25 +200,53 @@ def _dots(d: np.ndarray, e: np.ndarray, ones: np.ndarray) -> np.ndarray:
     return sums
 
 
+def _shift(x3: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Per-channel shifts for one-pass statistics of an (A, C, B) array.
+
+    The mean of up to 64 first values of each channel: within a few standard
+    deviations of the channel's mean, so that E[d²] − E[d]² of the deviations
+    d = x − shift does not cancel the way E[x²] − E[x]² does.
+    """
+    a, _, b = x3.shape
+    sample = x3[: max(1, min(a, 64 // b)), :, : min(b, 64)]
+    shift: np.ndarray = sample.mean(axis=(0, 2), dtype=np.float64).astype(dtype)
+    return shift
+
+
+def _stats_from_sums(
+    sums: np.ndarray,
+    shift: np.ndarray,
+    x3: np.ndarray,
+    channel_shape: tuple[int, ...],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and biased variance from the float64 sums of d and d² (d = x − shift)."""
+    a, _, b = x3.shape
+    m = a * b
+    dmean = sums[0] / m
+    var = np.maximum(sums[1] / m - dmean * dmean, 0.0)
+    mean = shift + dmean
+    dtype = shift.dtype
+    return mean.astype(dtype).reshape(channel_shape), var.astype(dtype).reshape(
+        channel_shape
+    )
+
+
 def batch_stats(
     x: Array, reduce_axes: tuple[int, ...], *, xp: Namespace
 ) -> tuple[Array, Array]:
     """Per-channel mean and biased variance: see :func:`bnarray._math.batch_stats`.
 
     One pass over memory: each block's deviations from a per-channel shift
-    (the mean of a first sample of the channel) are summed, and squared and
-    summed, from cache; block sums are accumulated in float64. The shift is
-    within a few standard deviations of the mean, so E[d²] − E[d]² does not
-    cancel the way E[x²] − E[x]² does.
+    (see :func:`_shift`) are summed, and squared and summed, from cache; block
+    sums are accumulated in float64.
     """
     channel_shape = _channel_shape(x, reduce_axes)
     x3 = _view3(x, channel_shape)
     if x3 is None:
         return _math.batch_stats(x, reduce_axes, xp=xp)
     dtype = np.promote_types(x.dtype, np.float32)  # _math.compute_dtype
-    a, c, b = x3.shape
-    sample = x3[: max(1, min(a, 64 // b)), :, : min(b, 4096)]
-    shift_c = sample.mean(axis=(0, 2), dtype=np.float64).astype(dtype)
+    c = x3.shape[1]
+    shift_c = _shift(x3, dtype)
     shift = _per_channel(shift_c, x3.shape, dtype)
 
     def work(blocks: list[tuple[slice, slice, slice]]) -> np.ndarray:
@@ -232,14 +260,7 @@ def batch_stats(
             sums[1, ic] += _dots(d, d, ones)
         return sums
 
-    sums = sum(_run(work, x3.shape))
-    m = a * b
-    dmean = sums[0] / m
-    var = np.maximum(sums[1] / m - dmean * dmean, 0.0)
-    mean = shift_c + dmean
-    return mean.astype(dtype).reshape(channel_shape), var.astype(dtype).reshape(
-        channel_shape
-    )
+    return _stats_from_sums(sum(_run(work, x3.shape)), shift_c, x3, channel_shape)
 
 
 def normalize(
