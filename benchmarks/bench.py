@@ -56,13 +56,23 @@ OPS = ["fwd", "bwd", "fwd+bwd", "infer"]
 TRAFFIC = {"fwd": 3, "bwd": 5, "fwd+bwd": 8, "infer": 2}
 
 
+# Pause before each timed call. PyTorch's OpenMP threads keep spinning for
+# several milliseconds after a call (libgomp's default GOMP_SPINCOUNT; pause
+# instructions are slow on AMD Zen): without the pause they compete for the
+# cores with whatever is timed next. Measured here: bnarray's 32×64×56×56
+# float16 fwd+bwd took 4.5 ms after another bnarray call, 6.7 ms right after
+# a PyTorch call.
+SETTLE_SECONDS = 0.02
+
+
 def median_times(
     fns: dict[str, Callable[[], Any]], *, repeat: int, warmup: int
 ) -> dict[str, float]:
     """Median wall time of each function in seconds.
 
     The functions take turns, round after round, so that a change in the
-    machine's load during the run affects all of them alike.
+    machine's load during the run affects all of them alike; each timed call
+    starts after a pause of `SETTLE_SECONDS` (untimed).
     """
     for _ in range(warmup):
         for fn in fns.values():
@@ -73,6 +83,7 @@ def median_times(
     try:
         for _ in range(repeat):
             for name, fn in fns.items():
+                time.sleep(SETTLE_SECONDS)
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
