@@ -104,9 +104,13 @@ def docs(session: nox.Session) -> None:
     flags = "doctest_optionflags=NORMALIZE_WHITESPACE ELLIPSIS"
     doctest = ["pytest", "-p", "no:cacheprovider", "-o", flags]
     session.run(*doctest, "--doctest-glob=*.rst", "--ignore=docs/_build", "docs")
-    # The CuPy kernels import CuPy at module level and hold no examples.
-    skip_cupy = "--ignore=src/bnarray/_fast/_cupy.py"
-    session.run(*doctest, "--doctest-modules", skip_cupy, "src/bnarray")
+    # The CuPy and Numba kernels import their optional library at module level
+    # and hold no examples.
+    skip = [
+        "--ignore=src/bnarray/_fast/_cupy.py",
+        "--ignore=src/bnarray/_fast/_numba.py",
+    ]
+    session.run(*doctest, "--doctest-modules", *skip, "src/bnarray")
     session.run("python", "docs/check_site.py", build)
 
 
