@@ -271,6 +271,27 @@ def test_numpy_arrays_get_the_numba_kernels_where_numba_is_installed(monkeypatch
     assert kernels_for(np_compat) is kernels
 
 
+@pytest.mark.skipif(not HAVE_NUMBA, reason="Numba is not installed")
+def test_an_unusable_numba_warns_and_numpy_arrays_take_the_numpy_kernels(monkeypatch):
+    import sys
+
+    from bnarray import _fast
+
+    monkeypatch.delenv(FORCE_GENERIC_ENV, raising=False)
+    monkeypatch.delenv(NUMBA_ENV, raising=False)
+    # As if importing the Numba kernels failed (say, Numba too old for NumPy).
+    monkeypatch.setitem(sys.modules, "bnarray._fast._numba", None)
+    monkeypatch.delattr(_fast, "_numba", raising=False)
+    _fast._numba_kernels.cache_clear()
+    try:
+        with pytest.warns(
+            RuntimeWarning, match="Numba is installed but bnarray cannot"
+        ):
+            assert kernels_for(np_compat) is _numpy
+    finally:
+        _fast._numba_kernels.cache_clear()
+
+
 def test_environment_variable_turns_numba_off(monkeypatch):
     monkeypatch.delenv(FORCE_GENERIC_ENV, raising=False)
     monkeypatch.setenv(NUMBA_ENV, "0")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+import warnings
 from types import ModuleType
 
 from .. import _math
@@ -18,15 +20,19 @@ NUMBA_ENV = "BNARRAY_NUMBA"
 """Set this environment variable to ``0`` to run NumPy arrays without Numba when it is installed."""
 
 
-def _off(name: str, default: str) -> bool:
-    return os.environ.get(name, default) in ("", "0")
-
-
 @functools.cache
 def _numba_kernels() -> ModuleType | None:
+    """The Numba kernels, or None where Numba is not installed or cannot be used."""
+    if importlib.util.find_spec("numba") is None:
+        return None  # Numba is optional
     try:
         from . import _numba
-    except ImportError:  # Numba is optional
+    except Exception as error:  # an incompatible or broken Numba installation
+        msg = (
+            f"Numba is installed but bnarray cannot use it ({type(error).__name__}: "
+            f"{error}); NumPy arrays take the NumPy-only kernels"
+        )
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
         return None
     return _numba
 
@@ -35,18 +41,18 @@ def kernels_for(xp: Namespace) -> ModuleType:
     """The module whose ``batch_stats``, ``normalize``, ``grad_sums`` and
     ``grad_input`` serve arrays of `xp`.
 
-    NumPy gets the compiled loops of ``_numba`` where Numba is installed (and
-    the environment variable ``BNARRAY_NUMBA`` is not ``0``), else the
+    NumPy gets the compiled loops of ``_numba`` where Numba is installed and
+    usable (a RuntimeWarning says why where it is installed but not usable)
+    and the environment variable ``BNARRAY_NUMBA`` is not ``0``, else the
     cache-blocked kernels of ``_numpy``; CuPy gets the fused CUDA kernels of
     ``_cupy`` (imported only then); every other namespace, and every namespace
     when ``BNARRAY_GENERIC`` is set to anything but ``0``, gets the generic
     array-API kernels of ``_math``.
     """
-    if not _off(FORCE_GENERIC_ENV, "0"):
+    if os.environ.get(FORCE_GENERIC_ENV, "0") not in ("", "0"):
         return _math
     if is_numpy_namespace(xp):
-        numba = None if _off(NUMBA_ENV, "1") else _numba_kernels()
-        if numba is not None:
+        if os.environ.get(NUMBA_ENV) != "0" and (numba := _numba_kernels()):
             return numba
         from . import _numpy
 
