@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import threading
 import time
 import warnings
 
@@ -318,6 +319,51 @@ def test_blocks_tile_the_array_exactly_once(shape):
     for box in _numpy._blocks(shape):
         covered[box] += 1
     assert (covered == 1).all()
+
+
+THREADED_SHAPE = (64, 37, 4096)  # 64 blocks: 16 runs over 4 threads
+
+
+def test_threads_return_the_partial_results_in_the_order_of_the_blocks(monkeypatch):
+    monkeypatch.setattr(_numpy, "_num_threads", lambda: 4)
+    threads = set()
+
+    def work(blocks):
+        threads.add(threading.get_ident())
+        time.sleep(0.002 * (blocks[0][0].start % 3))  # finish out of order
+        return blocks
+
+    runs = _numpy._run(work, THREADED_SHAPE)
+    assert len(runs) == 16
+    assert [box for run in runs for box in run] == _numpy._blocks(THREADED_SHAPE)
+    assert len(threads) > 1
+
+
+@pytest.mark.parametrize("failing_thread", ["calling", "pool"])
+def test_an_error_in_any_thread_reaches_the_caller_once_every_thread_is_done(
+    monkeypatch, failing_thread
+):
+    monkeypatch.setattr(_numpy, "_num_threads", lambda: 4)
+    caller = threading.get_ident()
+    lock = threading.Lock()
+    failed = []
+    finished = []
+
+    def work(blocks):
+        in_caller = threading.get_ident() == caller
+        with lock:
+            fail = not failed and in_caller == (failing_thread == "calling")
+            if fail:
+                failed.append(blocks)
+        if fail:
+            msg = "boom"
+            raise RuntimeError(msg)
+        time.sleep(0.005)
+        finished.append(blocks)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _numpy._run(work, THREADED_SHAPE)
+    assert len(finished) == 15  # no thread still works after the error is raised
 
 
 @pytest.mark.parametrize(("shape", "axis"), LAYOUTS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -129,10 +130,12 @@ def _run(
 ) -> list[Any]:
     """Run `work` over the blocks of an (A, C, B) array, split among threads.
 
-    NumPy's ufuncs and BLAS release the GIL, so the threads stream their
-    blocks in parallel. The blocks are dealt in a few runs per thread, so a
-    thread slowed by other work on the machine does not hold up the rest;
-    each run returns its own partial result.
+    NumPy's ufuncs and BLAS, and the Numba loops, release the GIL, so the
+    threads stream their blocks in parallel. The calling thread works too,
+    from the start, while the pool's threads wake up. The blocks are dealt in
+    a few runs of consecutive blocks per thread, each taken by whichever thread
+    is free, so a thread slowed by other work on the machine does not hold up
+    the rest; the partial results come back in the order of the runs.
     """
     blocks = _blocks(shape)
     n = (
@@ -143,7 +146,30 @@ def _run(
     n = min(n, len(blocks))
     if n == 1:
         return [work(blocks)]
-    return list(_executor().map(work, _split(blocks, _RUNS_PER_THREAD * n)))
+    runs = list(_split(blocks, _RUNS_PER_THREAD * n))
+    results: list[Any] = [None] * len(runs)
+    taken = itertools.count()
+    lock = threading.Lock()
+
+    def drain() -> None:
+        while True:
+            with lock:
+                i = next(taken)
+            if i >= len(runs):
+                return
+            results[i] = work(runs[i])
+
+    helpers = [_executor().submit(drain) for _ in range(n - 1)]
+    try:
+        drain()
+    finally:
+        # Wait for the helpers even when the calling thread failed: they may
+        # still be writing the caller's arrays.
+        done = [helper.exception() for helper in helpers]
+    for error in done:
+        if error is not None:
+            raise error
+    return results
 
 
 def _per_channel(v: Array, shape: tuple[int, int, int], dtype: np.dtype) -> np.ndarray:
