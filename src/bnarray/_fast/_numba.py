@@ -123,7 +123,8 @@ _SEGMENT = 4096
 
 
 @numba.njit(**_REDUCE)
-def _stats_blocks(x: Any, shift: Any, bounds: Any, sums: Any) -> None:
+def _stats_blocks(x: Any, shift: Any, bounds: Any) -> Any:
+    sums = np.zeros((2, shift.shape[0]))
     zero = np.zeros(1, shift.dtype)[0]
     for k in range(bounds.shape[0]):
         a0, a1, c0, c1, b0, b1 = bounds[k]
@@ -140,10 +141,12 @@ def _stats_blocks(x: Any, shift: Any, bounds: Any, sums: Any) -> None:
                         s2 += d * d
                     sums[0, c] += s1
                     sums[1, c] += s2
+    return sums
 
 
 @numba.njit(**_REDUCE)
-def _stats_rows(x: Any, shift: Any, bounds: Any, sums: Any) -> None:
+def _stats_rows(x: Any, shift: Any, bounds: Any) -> Any:
+    sums = np.zeros((2, shift.shape[0]))
     # Channels innermost (B == 1): one accumulator per channel.
     for k in range(bounds.shape[0]):
         a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
@@ -159,10 +162,12 @@ def _stats_rows(x: Any, shift: Any, bounds: Any, sums: Any) -> None:
                     s2[i] += d * d
             sums[0, c0:c1] += s1
             sums[1, c0:c1] += s2
+    return sums
 
 
 @numba.njit(**_REDUCE)
-def _grad_sums_blocks(dy: Any, x: Any, mean: Any, bounds: Any, sums: Any) -> None:
+def _grad_sums_blocks(dy: Any, x: Any, mean: Any, bounds: Any) -> Any:
+    sums = np.zeros((2, mean.shape[0]))
     zero = np.zeros(1, mean.dtype)[0]
     for k in range(bounds.shape[0]):
         a0, a1, c0, c1, b0, b1 = bounds[k]
@@ -180,10 +185,12 @@ def _grad_sums_blocks(dy: Any, x: Any, mean: Any, bounds: Any, sums: Any) -> Non
                         s2 += gi * (_load(xr[i]) - m)
                     sums[0, c] += s1
                     sums[1, c] += s2
+    return sums
 
 
 @numba.njit(**_REDUCE)
-def _grad_sums_rows(dy: Any, x: Any, mean: Any, bounds: Any, sums: Any) -> None:
+def _grad_sums_rows(dy: Any, x: Any, mean: Any, bounds: Any) -> Any:
+    sums = np.zeros((2, mean.shape[0]))
     for k in range(bounds.shape[0]):
         a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
         m = mean[c0:c1]
@@ -198,6 +205,7 @@ def _grad_sums_rows(dy: Any, x: Any, mean: Any, bounds: Any, sums: Any) -> None:
                     s2[i] += gi * (_load(xr[i]) - m[i])
             sums[0, c0:c1] += s1
             sums[1, c0:c1] += s2
+    return sums
 
 
 @numba.njit(**_MAP)
@@ -332,17 +340,14 @@ def batch_stats(
     if x3 is None:
         return _math.batch_stats(x, reduce_axes, xp=xp)
     dtype = np.promote_types(x.dtype, np.float32)  # _math.compute_dtype
-    c = x3.shape[1]
     shift = _numpy._shift(x3, dtype)
     xb = _bits(x3)
     loop = _stats_blocks if xb.ndim == 3 else _stats_rows
 
-    def work(blocks: list[tuple[slice, slice, slice]]) -> np.ndarray:
-        sums = np.zeros((2, c), dtype=np.float64)
-        loop(xb, shift, _bounds(blocks), sums)
-        return sums
-
-    return _numpy._stats_from_sums(sum(_run(work, x3.shape)), shift, x3, channel_shape)
+    # The loops allocate their sums: np.zeros would release the GIL (to zero
+    # the memory) and make the calling thread queue for it behind the others.
+    sums = sum(_run(lambda blocks: loop(xb, shift, _bounds(blocks)), x3.shape))
+    return _numpy._stats_from_sums(sums, shift, x3, channel_shape)
 
 
 def normalize(
@@ -381,12 +386,7 @@ def grad_sums(
     mean_c = _channel_values(mean, c, dtype)
     loop = _grad_sums_blocks if xb.ndim == 3 else _grad_sums_rows
 
-    def work(blocks: list[tuple[slice, slice, slice]]) -> np.ndarray:
-        sums = np.zeros((2, c), dtype=np.float64)
-        loop(dyb, xb, mean_c, _bounds(blocks), sums)
-        return sums
-
-    sums = sum(_run(work, x3.shape))
+    sums = sum(_run(lambda blocks: loop(dyb, xb, mean_c, _bounds(blocks)), x3.shape))
     return (
         sums[0].astype(dtype).reshape(channel_shape),
         sums[1].astype(dtype).reshape(channel_shape),
