@@ -217,6 +217,47 @@ def test_elementwise_kernels_round_exactly_like_the_generic_path(
         )
 
 
+@pytest.mark.parametrize("threads", [1, 3, 8])
+@pytest.mark.parametrize(("shape", "axis"), [((6, 37, 4099), 1), ((9000, 61), -1)])
+def test_any_number_of_threads_gives_the_same_outputs_every_time(
+    numpy_kernels, monkeypatch, threads, shape, axis
+):
+    # The runs of blocks go to whichever thread is free: every element must be
+    # written once, with the generic path's roundings, and the sums must not
+    # depend on which thread took which run.
+    monkeypatch.setattr(_numpy, "_num_threads", lambda: threads)
+    x, dy, *_ = _inputs(shape, axis, np.float32)
+    reduce_axes = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+    mean, var = _math.batch_stats(x, reduce_axes, xp=np_compat)
+    scale = 1 / np.sqrt(var + 1e-5)
+
+    def outputs():
+        return [
+            *numpy_kernels.batch_stats(x, reduce_axes, xp=np_compat),
+            *numpy_kernels.grad_sums(dy, x, mean, reduce_axes, xp=np_compat),
+            numpy_kernels.normalize(x, mean, scale, mean, xp=np_compat),
+            numpy_kernels.grad_input(dy, x, mean, scale, scale, mean, xp=np_compat),
+        ]
+
+    first = outputs()
+    for _ in range(4):
+        for a, b in zip(outputs(), first, strict=True):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(
+        first[4], _math.normalize(x, mean, scale, mean, xp=np_compat)
+    )
+    np.testing.assert_array_equal(
+        first[5], _math.grad_input(dy, x, mean, scale, scale, mean, xp=np_compat)
+    )
+    expected = [
+        mean,
+        var,
+        *_math.grad_sums(dy, x, mean, reduce_axes, xp=np_compat),
+    ]
+    for a, e in zip(first[:4], expected, strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5 * float(np.abs(e).max()))
+
+
 @pytest.mark.parametrize("scale", [1.0, 1 / 3, 3.7, 1e-3, 1e5])
 def test_every_float16_converts_and_rounds_like_numpy(numpy_kernels, scale):
     # All 65 536 float16 bit patterns, widened, scaled and rounded back to

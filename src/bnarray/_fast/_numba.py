@@ -26,7 +26,7 @@ from numba.extending import intrinsic, overload
 from .. import _math
 from .._compat import Array, Namespace
 from . import _numpy
-from ._numpy import _channel_shape, _run, _view3
+from ._numpy import _channel_shape, _view3
 
 __all__ = ["batch_stats", "grad_input", "grad_sums", "normalize"]
 
@@ -54,6 +54,27 @@ def _float_to_half(typingctx: Any, v: Any) -> Any:
         return builder.bitcast(half, ir.IntType(16))
 
     return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _take(typingctx: Any, counter: Any) -> Any:
+    """Add one to ``counter[0]`` atomically and return the value before.
+
+    The threads that run a loop share the counter and take run after run from
+    it, so the runs go to whichever thread is free.
+    """
+    if not (
+        isinstance(counter, types.Array)
+        and counter.dtype == types.int64
+        and counter.ndim == 1
+    ):
+        return None
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        data = context.make_array(counter)(context, builder, args[0]).data
+        return builder.atomic_rmw("add", data, ir.IntType(64)(1), "monotonic")
+
+    return types.int64(counter), codegen
 
 
 def _hardware_half() -> bool:
@@ -123,127 +144,159 @@ _SEGMENT = 4096
 
 
 @numba.njit(**_REDUCE)
-def _stats_blocks(x: Any, shift: Any, bounds: Any) -> Any:
-    sums = np.zeros((2, shift.shape[0]))
+def _stats_blocks(
+    x: Any, shift: Any, bounds: Any, runs: Any, counter: Any, sums: Any
+) -> None:
     zero = np.zeros(1, shift.dtype)[0]
-    for k in range(bounds.shape[0]):
-        a0, a1, c0, c1, b0, b1 = bounds[k]
-        for a in range(a0, a1):
-            for c in range(c0, c1):
-                s = shift[c]
-                for j in range(b0, b1, _SEGMENT):
-                    row = x[a, c, j : min(j + _SEGMENT, b1)]
-                    s1 = zero
-                    s2 = zero
-                    for i in range(row.shape[0]):
-                        d = _load(row[i]) - s
-                        s1 += d
-                        s2 += d * d
-                    sums[0, c] += s1
-                    sums[1, c] += s2
-    return sums
+    r = _take(counter)
+    while r < runs.shape[0] - 1:
+        for k in range(runs[r], runs[r + 1]):
+            a0, a1, c0, c1, b0, b1 = bounds[k]
+            for a in range(a0, a1):
+                for c in range(c0, c1):
+                    s = shift[c]
+                    for j in range(b0, b1, _SEGMENT):
+                        row = x[a, c, j : min(j + _SEGMENT, b1)]
+                        s1 = zero
+                        s2 = zero
+                        for i in range(row.shape[0]):
+                            d = _load(row[i]) - s
+                            s1 += d
+                            s2 += d * d
+                        sums[r, 0, c] += s1
+                        sums[r, 1, c] += s2
+        r = _take(counter)
 
 
 @numba.njit(**_REDUCE)
-def _stats_rows(x: Any, shift: Any, bounds: Any) -> Any:
-    sums = np.zeros((2, shift.shape[0]))
+def _stats_rows(
+    x: Any, shift: Any, bounds: Any, runs: Any, counter: Any, sums: Any
+) -> None:
     # Channels innermost (B == 1): one accumulator per channel.
-    for k in range(bounds.shape[0]):
-        a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
-        sh = shift[c0:c1]
-        for j in range(a0, a1, _SEGMENT):
-            s1 = np.zeros(c1 - c0, shift.dtype)
-            s2 = np.zeros(c1 - c0, shift.dtype)
-            for a in range(j, min(j + _SEGMENT, a1)):
-                row = x[a, c0:c1]
-                for i in range(row.shape[0]):
-                    d = _load(row[i]) - sh[i]
-                    s1[i] += d
-                    s2[i] += d * d
-            sums[0, c0:c1] += s1
-            sums[1, c0:c1] += s2
-    return sums
+    r = _take(counter)
+    while r < runs.shape[0] - 1:
+        for k in range(runs[r], runs[r + 1]):
+            a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
+            sh = shift[c0:c1]
+            for j in range(a0, a1, _SEGMENT):
+                s1 = np.zeros(c1 - c0, shift.dtype)
+                s2 = np.zeros(c1 - c0, shift.dtype)
+                for a in range(j, min(j + _SEGMENT, a1)):
+                    row = x[a, c0:c1]
+                    for i in range(row.shape[0]):
+                        d = _load(row[i]) - sh[i]
+                        s1[i] += d
+                        s2[i] += d * d
+                sums[r, 0, c0:c1] += s1
+                sums[r, 1, c0:c1] += s2
+        r = _take(counter)
 
 
 @numba.njit(**_REDUCE)
-def _grad_sums_blocks(dy: Any, x: Any, mean: Any, bounds: Any) -> Any:
-    sums = np.zeros((2, mean.shape[0]))
+def _grad_sums_blocks(
+    dy: Any, x: Any, mean: Any, bounds: Any, runs: Any, counter: Any, sums: Any
+) -> None:
     zero = np.zeros(1, mean.dtype)[0]
-    for k in range(bounds.shape[0]):
-        a0, a1, c0, c1, b0, b1 = bounds[k]
-        for a in range(a0, a1):
-            for c in range(c0, c1):
-                m = mean[c]
-                for j in range(b0, b1, _SEGMENT):
-                    stop = min(j + _SEGMENT, b1)
-                    g, xr = dy[a, c, j:stop], x[a, c, j:stop]
-                    s1 = zero
-                    s2 = zero
+    r = _take(counter)
+    while r < runs.shape[0] - 1:
+        for k in range(runs[r], runs[r + 1]):
+            a0, a1, c0, c1, b0, b1 = bounds[k]
+            for a in range(a0, a1):
+                for c in range(c0, c1):
+                    m = mean[c]
+                    for j in range(b0, b1, _SEGMENT):
+                        stop = min(j + _SEGMENT, b1)
+                        g, xr = dy[a, c, j:stop], x[a, c, j:stop]
+                        s1 = zero
+                        s2 = zero
+                        for i in range(g.shape[0]):
+                            gi = _load(g[i])
+                            s1 += gi
+                            s2 += gi * (_load(xr[i]) - m)
+                        sums[r, 0, c] += s1
+                        sums[r, 1, c] += s2
+        r = _take(counter)
+
+
+@numba.njit(**_REDUCE)
+def _grad_sums_rows(
+    dy: Any, x: Any, mean: Any, bounds: Any, runs: Any, counter: Any, sums: Any
+) -> None:
+    r = _take(counter)
+    while r < runs.shape[0] - 1:
+        for k in range(runs[r], runs[r + 1]):
+            a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
+            m = mean[c0:c1]
+            for j in range(a0, a1, _SEGMENT):
+                s1 = np.zeros(c1 - c0, mean.dtype)
+                s2 = np.zeros(c1 - c0, mean.dtype)
+                for a in range(j, min(j + _SEGMENT, a1)):
+                    g, xr = dy[a, c0:c1], x[a, c0:c1]
                     for i in range(g.shape[0]):
                         gi = _load(g[i])
-                        s1 += gi
-                        s2 += gi * (_load(xr[i]) - m)
-                    sums[0, c] += s1
-                    sums[1, c] += s2
-    return sums
-
-
-@numba.njit(**_REDUCE)
-def _grad_sums_rows(dy: Any, x: Any, mean: Any, bounds: Any) -> Any:
-    sums = np.zeros((2, mean.shape[0]))
-    for k in range(bounds.shape[0]):
-        a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
-        m = mean[c0:c1]
-        for j in range(a0, a1, _SEGMENT):
-            s1 = np.zeros(c1 - c0, mean.dtype)
-            s2 = np.zeros(c1 - c0, mean.dtype)
-            for a in range(j, min(j + _SEGMENT, a1)):
-                g, xr = dy[a, c0:c1], x[a, c0:c1]
-                for i in range(g.shape[0]):
-                    gi = _load(g[i])
-                    s1[i] += gi
-                    s2[i] += gi * (_load(xr[i]) - m[i])
-            sums[0, c0:c1] += s1
-            sums[1, c0:c1] += s2
-    return sums
+                        s1[i] += gi
+                        s2[i] += gi * (_load(xr[i]) - m[i])
+                sums[r, 0, c0:c1] += s1
+                sums[r, 1, c0:c1] += s2
+        r = _take(counter)
 
 
 @numba.njit(**_MAP)
 def _normalize_blocks(
-    x: Any, mean: Any, scale: Any, shift: Any, y: Any, bounds: Any
+    x: Any,
+    mean: Any,
+    scale: Any,
+    shift: Any,
+    y: Any,
+    bounds: Any,
+    runs: Any,
+    counter: Any,
 ) -> None:
-    for k in range(bounds.shape[0]):
-        a0, a1, c0, c1, b0, b1 = bounds[k]
-        for a in range(a0, a1):
-            for c in range(c0, c1):
-                xr, yr = x[a, c, b0:b1], y[a, c, b0:b1]
-                m = mean[c]
-                s = scale[c]
-                if shift is None:
-                    for i in range(xr.shape[0]):
-                        yr[i] = _store((_load(xr[i]) - m) * s, yr[0])
-                else:
-                    t = shift[c]
-                    for i in range(xr.shape[0]):
-                        yr[i] = _store((_load(xr[i]) - m) * s + t, yr[0])
+    r = _take(counter)
+    while r < runs.shape[0] - 1:
+        for k in range(runs[r], runs[r + 1]):
+            a0, a1, c0, c1, b0, b1 = bounds[k]
+            for a in range(a0, a1):
+                for c in range(c0, c1):
+                    xr, yr = x[a, c, b0:b1], y[a, c, b0:b1]
+                    m = mean[c]
+                    s = scale[c]
+                    if shift is None:
+                        for i in range(xr.shape[0]):
+                            yr[i] = _store((_load(xr[i]) - m) * s, yr[0])
+                    else:
+                        t = shift[c]
+                        for i in range(xr.shape[0]):
+                            yr[i] = _store((_load(xr[i]) - m) * s + t, yr[0])
+        r = _take(counter)
 
 
 @numba.njit(**_MAP)
 def _normalize_rows(
-    x: Any, mean: Any, scale: Any, shift: Any, y: Any, bounds: Any
+    x: Any,
+    mean: Any,
+    scale: Any,
+    shift: Any,
+    y: Any,
+    bounds: Any,
+    runs: Any,
+    counter: Any,
 ) -> None:
-    for k in range(bounds.shape[0]):
-        a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
-        m, s = mean[c0:c1], scale[c0:c1]
-        for a in range(a0, a1):
-            xr, yr = x[a, c0:c1], y[a, c0:c1]
-            if shift is None:
-                for i in range(xr.shape[0]):
-                    yr[i] = _store((_load(xr[i]) - m[i]) * s[i], yr[0])
-            else:
-                t = shift[c0:c1]
-                for i in range(xr.shape[0]):
-                    yr[i] = _store((_load(xr[i]) - m[i]) * s[i] + t[i], yr[0])
+    r = _take(counter)
+    while r < runs.shape[0] - 1:
+        for k in range(runs[r], runs[r + 1]):
+            a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
+            m, s = mean[c0:c1], scale[c0:c1]
+            for a in range(a0, a1):
+                xr, yr = x[a, c0:c1], y[a, c0:c1]
+                if shift is None:
+                    for i in range(xr.shape[0]):
+                        yr[i] = _store((_load(xr[i]) - m[i]) * s[i], yr[0])
+                else:
+                    t = shift[c0:c1]
+                    for i in range(xr.shape[0]):
+                        yr[i] = _store((_load(xr[i]) - m[i]) * s[i] + t[i], yr[0])
+        r = _take(counter)
 
 
 @numba.njit(**_MAP)
@@ -256,24 +309,29 @@ def _grad_input_blocks(
     shift: Any,
     dx: Any,
     bounds: Any,
+    runs: Any,
+    counter: Any,
 ) -> None:
-    for k in range(bounds.shape[0]):
-        a0, a1, c0, c1, b0, b1 = bounds[k]
-        for a in range(a0, a1):
-            for c in range(c0, c1):
-                g, out = dy[a, c, b0:b1], dx[a, c, b0:b1]
-                s = dy_scale[c]
-                if xc_scale is None:
-                    for i in range(g.shape[0]):
-                        out[i] = _store(_load(g[i]) * s, out[0])
-                else:
-                    xr = x[a, c, b0:b1]
-                    m = mean[c]
-                    r = xc_scale[c]
-                    t = shift[c]
-                    for i in range(g.shape[0]):
-                        v = _load(g[i]) * s + (_load(xr[i]) - m) * r + t
-                        out[i] = _store(v, out[0])
+    r = _take(counter)
+    while r < runs.shape[0] - 1:
+        for k in range(runs[r], runs[r + 1]):
+            a0, a1, c0, c1, b0, b1 = bounds[k]
+            for a in range(a0, a1):
+                for c in range(c0, c1):
+                    g, out = dy[a, c, b0:b1], dx[a, c, b0:b1]
+                    s = dy_scale[c]
+                    if xc_scale is None:
+                        for i in range(g.shape[0]):
+                            out[i] = _store(_load(g[i]) * s, out[0])
+                    else:
+                        xr = x[a, c, b0:b1]
+                        m = mean[c]
+                        r = xc_scale[c]
+                        t = shift[c]
+                        for i in range(g.shape[0]):
+                            v = _load(g[i]) * s + (_load(xr[i]) - m) * r + t
+                            out[i] = _store(v, out[0])
+        r = _take(counter)
 
 
 @numba.njit(**_MAP)
@@ -286,21 +344,26 @@ def _grad_input_rows(
     shift: Any,
     dx: Any,
     bounds: Any,
+    runs: Any,
+    counter: Any,
 ) -> None:
-    for k in range(bounds.shape[0]):
-        a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
-        s = dy_scale[c0:c1]
-        for a in range(a0, a1):
-            g, out = dy[a, c0:c1], dx[a, c0:c1]
-            if xc_scale is None:
-                for i in range(g.shape[0]):
-                    out[i] = _store(_load(g[i]) * s[i], out[0])
-            else:
-                xr = x[a, c0:c1]
-                m, r, t = mean[c0:c1], xc_scale[c0:c1], shift[c0:c1]
-                for i in range(g.shape[0]):
-                    v = _load(g[i]) * s[i] + (_load(xr[i]) - m[i]) * r[i] + t[i]
-                    out[i] = _store(v, out[0])
+    r = _take(counter)
+    while r < runs.shape[0] - 1:
+        for k in range(runs[r], runs[r + 1]):
+            a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
+            s = dy_scale[c0:c1]
+            for a in range(a0, a1):
+                g, out = dy[a, c0:c1], dx[a, c0:c1]
+                if xc_scale is None:
+                    for i in range(g.shape[0]):
+                        out[i] = _store(_load(g[i]) * s[i], out[0])
+                else:
+                    xr = x[a, c0:c1]
+                    m, r, t = mean[c0:c1], xc_scale[c0:c1], shift[c0:c1]
+                    for i in range(g.shape[0]):
+                        v = _load(g[i]) * s[i] + (_load(xr[i]) - m[i]) * r[i] + t[i]
+                        out[i] = _store(v, out[0])
+        r = _take(counter)
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -314,14 +377,36 @@ def _channel_values(v: Array | None, c: int, dtype: np.dtype) -> np.ndarray | No
     return None if v is None else np.ascontiguousarray(v, dtype=dtype).reshape(c)
 
 
-def _bounds(blocks: list[tuple[slice, slice, slice]]) -> np.ndarray:
-    return np.array(
+def _in_parallel(
+    loop: Any, shape: tuple[int, int, int], *args: Any, channels: int = 0
+) -> Any:
+    """Run a compiled loop over the blocks of an (A, C, B) array, on threads.
+
+    The blocks are dealt in runs of consecutive blocks, as by ``_numpy._run``,
+    but each thread makes a single call of the loop, which takes run after run
+    itself (see `_take`): no Python, and so no wait for the GIL, between runs.
+    A reduction over `channels` channels sums each run into its own row of
+    partial sums; the rows are added in the order of the runs, so the result
+    does not depend on which thread took which run.
+    """
+    blocks = _numpy._blocks(shape)
+    n = _numpy._thread_count(shape, len(blocks))
+    size = -(-len(blocks) // (_numpy._RUNS_PER_THREAD * n))
+    runs = np.array([*range(0, len(blocks), size), len(blocks)], dtype=np.int64)
+    bounds = np.array(
         [
             (ia.start, ia.stop, ic.start, ic.stop, ib.start, ib.stop)
             for ia, ic, ib in blocks
         ],
         dtype=np.int64,
     )
+    counter = np.zeros(1, dtype=np.int64)
+    if not channels:
+        _numpy._on_threads(lambda: loop(*args, bounds, runs, counter), n)
+        return None
+    sums = np.zeros((len(runs) - 1, 2, channels))
+    _numpy._on_threads(lambda: loop(*args, bounds, runs, counter, sums), n)
+    return sums.sum(axis=0)
 
 
 def batch_stats(
@@ -344,9 +429,7 @@ def batch_stats(
     xb = _bits(x3)
     loop = _stats_blocks if xb.ndim == 3 else _stats_rows
 
-    # The loops allocate their sums: np.zeros would release the GIL (to zero
-    # the memory) and make the calling thread queue for it behind the others.
-    sums = sum(_run(lambda blocks: loop(xb, shift, _bounds(blocks)), x3.shape))
+    sums = _in_parallel(loop, x3.shape, xb, shift, channels=x3.shape[1])
     return _numpy._stats_from_sums(sums, shift, x3, channel_shape)
 
 
@@ -365,7 +448,7 @@ def normalize(
     xb, yb = _bits(x3), _bits(y.reshape(x3.shape))
     loop = _normalize_blocks if xb.ndim == 3 else _normalize_rows
     values = [_channel_values(v, c, dtype) for v in (mean, scale, shift)]
-    _run(lambda blocks: loop(xb, *values, yb, _bounds(blocks)), x3.shape)
+    _in_parallel(loop, x3.shape, xb, *values, yb)
     return y
 
 
@@ -386,7 +469,7 @@ def grad_sums(
     mean_c = _channel_values(mean, c, dtype)
     loop = _grad_sums_blocks if xb.ndim == 3 else _grad_sums_rows
 
-    sums = sum(_run(lambda blocks: loop(dyb, xb, mean_c, _bounds(blocks)), x3.shape))
+    sums = _in_parallel(loop, x3.shape, dyb, xb, mean_c, channels=c)
     return (
         sums[0].astype(dtype).reshape(channel_shape),
         sums[1].astype(dtype).reshape(channel_shape),
@@ -421,5 +504,5 @@ def grad_input(
     dyb, xb, dxb = _bits(dy3), _bits(x3), _bits(dx.reshape(x3.shape))
     loop = _grad_input_blocks if xb.ndim == 3 else _grad_input_rows
     values = [_channel_values(v, c, dtype) for v in (mean, dy_scale, xc_scale, shift)]
-    _run(lambda blocks: loop(dyb, xb, *values, dxb, _bounds(blocks)), x3.shape)
+    _in_parallel(loop, x3.shape, dyb, xb, *values, dxb)
     return dx

@@ -124,26 +124,44 @@ def _split(blocks: list[Any], n: int) -> Iterator[list[Any]]:
         yield blocks[i : i + size]
 
 
+def _thread_count(shape: tuple[int, int, int], blocks: int) -> int:
+    """Threads for an (A, C, B) array of `blocks` blocks: one for small arrays."""
+    if shape[0] * shape[1] * shape[2] < _THREADED_MIN_ELEMENTS:
+        return 1
+    return min(_num_threads(), blocks)
+
+
+def _on_threads(body: Callable[[], None], n: int) -> None:
+    """Call `body` on the calling thread and on ``n - 1`` threads of the pool.
+
+    The calling thread starts at once, while the pool's threads wake up. An
+    error in any of them is raised once all of them are done: none is still
+    writing the caller's arrays then.
+    """
+    helpers = [_executor().submit(body) for _ in range(n - 1)]
+    try:
+        body()
+    finally:
+        errors = [helper.exception() for helper in helpers]
+    for error in errors:
+        if error is not None:
+            raise error
+
+
 def _run(
     work: Callable[[list[tuple[slice, slice, slice]]], Any],
     shape: tuple[int, int, int],
 ) -> list[Any]:
     """Run `work` over the blocks of an (A, C, B) array, split among threads.
 
-    NumPy's ufuncs and BLAS, and the Numba loops, release the GIL, so the
-    threads stream their blocks in parallel. The calling thread works too,
-    from the start, while the pool's threads wake up. The blocks are dealt in
-    a few runs of consecutive blocks per thread, each taken by whichever thread
-    is free, so a thread slowed by other work on the machine does not hold up
-    the rest; the partial results come back in the order of the runs.
+    NumPy's ufuncs and BLAS release the GIL, so the threads stream their
+    blocks in parallel. The blocks are dealt in a few runs of consecutive
+    blocks per thread, each taken by whichever thread is free, so a thread
+    slowed by other work on the machine does not hold up the rest; the partial
+    results come back in the order of the runs.
     """
     blocks = _blocks(shape)
-    n = (
-        _num_threads()
-        if shape[0] * shape[1] * shape[2] >= _THREADED_MIN_ELEMENTS
-        else 1
-    )
-    n = min(n, len(blocks))
+    n = _thread_count(shape, len(blocks))
     if n == 1:
         return [work(blocks)]
     runs = list(_split(blocks, _RUNS_PER_THREAD * n))
@@ -159,16 +177,7 @@ def _run(
                 return
             results[i] = work(runs[i])
 
-    helpers = [_executor().submit(drain) for _ in range(n - 1)]
-    try:
-        drain()
-    finally:
-        # Wait for the helpers even when the calling thread failed: they may
-        # still be writing the caller's arrays.
-        done = [helper.exception() for helper in helpers]
-    for error in done:
-        if error is not None:
-            raise error
+    _on_threads(drain, n)
     return results
 
 
