@@ -148,9 +148,9 @@ def _stats_blocks(
     x: Any, shift: Any, bounds: Any, runs: Any, counter: Any, sums: Any
 ) -> None:
     zero = np.zeros(1, shift.dtype)[0]
-    r = _take(counter)
-    while r < runs.shape[0] - 1:
-        for k in range(runs[r], runs[r + 1]):
+    run = _take(counter)
+    while run < runs.shape[0] - 1:
+        for k in range(runs[run], runs[run + 1]):
             a0, a1, c0, c1, b0, b1 = bounds[k]
             for a in range(a0, a1):
                 for c in range(c0, c1):
@@ -163,9 +163,9 @@ def _stats_blocks(
                             d = _load(row[i]) - s
                             s1 += d
                             s2 += d * d
-                        sums[r, 0, c] += s1
-                        sums[r, 1, c] += s2
-        r = _take(counter)
+                        sums[run, 0, c] += s1
+                        sums[run, 1, c] += s2
+        run = _take(counter)
 
 
 @numba.njit(**_REDUCE)
@@ -173,9 +173,9 @@ def _stats_rows(
     x: Any, shift: Any, bounds: Any, runs: Any, counter: Any, sums: Any
 ) -> None:
     # Channels innermost (B == 1): one accumulator per channel.
-    r = _take(counter)
-    while r < runs.shape[0] - 1:
-        for k in range(runs[r], runs[r + 1]):
+    run = _take(counter)
+    while run < runs.shape[0] - 1:
+        for k in range(runs[run], runs[run + 1]):
             a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
             sh = shift[c0:c1]
             for j in range(a0, a1, _SEGMENT):
@@ -187,9 +187,9 @@ def _stats_rows(
                         d = _load(row[i]) - sh[i]
                         s1[i] += d
                         s2[i] += d * d
-                sums[r, 0, c0:c1] += s1
-                sums[r, 1, c0:c1] += s2
-        r = _take(counter)
+                sums[run, 0, c0:c1] += s1
+                sums[run, 1, c0:c1] += s2
+        run = _take(counter)
 
 
 @numba.njit(**_REDUCE)
@@ -197,9 +197,9 @@ def _grad_sums_blocks(
     dy: Any, x: Any, mean: Any, bounds: Any, runs: Any, counter: Any, sums: Any
 ) -> None:
     zero = np.zeros(1, mean.dtype)[0]
-    r = _take(counter)
-    while r < runs.shape[0] - 1:
-        for k in range(runs[r], runs[r + 1]):
+    run = _take(counter)
+    while run < runs.shape[0] - 1:
+        for k in range(runs[run], runs[run + 1]):
             a0, a1, c0, c1, b0, b1 = bounds[k]
             for a in range(a0, a1):
                 for c in range(c0, c1):
@@ -213,18 +213,18 @@ def _grad_sums_blocks(
                             gi = _load(g[i])
                             s1 += gi
                             s2 += gi * (_load(xr[i]) - m)
-                        sums[r, 0, c] += s1
-                        sums[r, 1, c] += s2
-        r = _take(counter)
+                        sums[run, 0, c] += s1
+                        sums[run, 1, c] += s2
+        run = _take(counter)
 
 
 @numba.njit(**_REDUCE)
 def _grad_sums_rows(
     dy: Any, x: Any, mean: Any, bounds: Any, runs: Any, counter: Any, sums: Any
 ) -> None:
-    r = _take(counter)
-    while r < runs.shape[0] - 1:
-        for k in range(runs[r], runs[r + 1]):
+    run = _take(counter)
+    while run < runs.shape[0] - 1:
+        for k in range(runs[run], runs[run + 1]):
             a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
             m = mean[c0:c1]
             for j in range(a0, a1, _SEGMENT):
@@ -236,9 +236,9 @@ def _grad_sums_rows(
                         gi = _load(g[i])
                         s1[i] += gi
                         s2[i] += gi * (_load(xr[i]) - m[i])
-                sums[r, 0, c0:c1] += s1
-                sums[r, 1, c0:c1] += s2
-        r = _take(counter)
+                sums[run, 0, c0:c1] += s1
+                sums[run, 1, c0:c1] += s2
+        run = _take(counter)
 
 
 @numba.njit(**_MAP)
@@ -252,9 +252,9 @@ def _normalize_blocks(
     runs: Any,
     counter: Any,
 ) -> None:
-    r = _take(counter)
-    while r < runs.shape[0] - 1:
-        for k in range(runs[r], runs[r + 1]):
+    run = _take(counter)
+    while run < runs.shape[0] - 1:
+        for k in range(runs[run], runs[run + 1]):
             a0, a1, c0, c1, b0, b1 = bounds[k]
             for a in range(a0, a1):
                 for c in range(c0, c1):
@@ -268,7 +268,7 @@ def _normalize_blocks(
                         t = shift[c]
                         for i in range(xr.shape[0]):
                             yr[i] = _store((_load(xr[i]) - m) * s + t, yr[0])
-        r = _take(counter)
+        run = _take(counter)
 
 
 @numba.njit(**_MAP)
@@ -282,9 +282,9 @@ def _normalize_rows(
     runs: Any,
     counter: Any,
 ) -> None:
-    r = _take(counter)
-    while r < runs.shape[0] - 1:
-        for k in range(runs[r], runs[r + 1]):
+    run = _take(counter)
+    while run < runs.shape[0] - 1:
+        for k in range(runs[run], runs[run + 1]):
             a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
             m, s = mean[c0:c1], scale[c0:c1]
             for a in range(a0, a1):
@@ -296,7 +296,7 @@ def _normalize_rows(
                     t = shift[c0:c1]
                     for i in range(xr.shape[0]):
                         yr[i] = _store((_load(xr[i]) - m[i]) * s[i] + t[i], yr[0])
-        r = _take(counter)
+        run = _take(counter)
 
 
 @numba.njit(**_MAP)
@@ -312,9 +312,9 @@ def _grad_input_blocks(
     runs: Any,
     counter: Any,
 ) -> None:
-    r = _take(counter)
-    while r < runs.shape[0] - 1:
-        for k in range(runs[r], runs[r + 1]):
+    run = _take(counter)
+    while run < runs.shape[0] - 1:
+        for k in range(runs[run], runs[run + 1]):
             a0, a1, c0, c1, b0, b1 = bounds[k]
             for a in range(a0, a1):
                 for c in range(c0, c1):
@@ -331,7 +331,7 @@ def _grad_input_blocks(
                         for i in range(g.shape[0]):
                             v = _load(g[i]) * s + (_load(xr[i]) - m) * r + t
                             out[i] = _store(v, out[0])
-        r = _take(counter)
+        run = _take(counter)
 
 
 @numba.njit(**_MAP)
@@ -347,9 +347,9 @@ def _grad_input_rows(
     runs: Any,
     counter: Any,
 ) -> None:
-    r = _take(counter)
-    while r < runs.shape[0] - 1:
-        for k in range(runs[r], runs[r + 1]):
+    run = _take(counter)
+    while run < runs.shape[0] - 1:
+        for k in range(runs[run], runs[run + 1]):
             a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
             s = dy_scale[c0:c1]
             for a in range(a0, a1):
@@ -363,7 +363,7 @@ def _grad_input_rows(
                     for i in range(g.shape[0]):
                         v = _load(g[i]) * s[i] + (_load(xr[i]) - m[i]) * r[i] + t[i]
                         out[i] = _store(v, out[0])
-        r = _take(counter)
+        run = _take(counter)
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
