@@ -387,11 +387,16 @@ def test_an_error_in_any_thread_reaches_the_caller_once_every_thread_is_done(
     monkeypatch.setattr(_numpy, "_num_threads", lambda: 4)
     caller = threading.get_ident()
     lock = threading.Lock()
+    pool_started = threading.Event()
     failed = []
     finished = []
 
     def work(blocks):
         in_caller = threading.get_ident() == caller
+        if in_caller:  # make sure the pool takes runs too, however busy the machine
+            pool_started.wait(timeout=10)
+        else:
+            pool_started.set()
         with lock:
             fail = not failed and in_caller == (failing_thread == "calling")
             if fail:
