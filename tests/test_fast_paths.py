@@ -380,6 +380,41 @@ def test_threads_return_the_partial_results_in_the_order_of_the_blocks(monkeypat
     assert len(threads) > 1
 
 
+def test_the_caller_does_not_wait_for_pool_threads_that_start_too_late(
+    numpy_kernels, monkeypatch
+):
+    # A pool whose threads start only after the call has returned: the calling
+    # thread does all the work, and the late threads then find nothing to do.
+    class LatePool:
+        def __init__(self):
+            self.tasks = []
+
+        def submit(self, fn):
+            self.tasks.append(fn)
+
+    pool = LatePool()
+    monkeypatch.setattr(_numpy, "_executor", lambda: pool)
+    monkeypatch.setattr(_numpy, "_num_threads", lambda: 4)
+    x = _inputs((6, 37, 4099), 1, np.float32)[0]
+    mean, var = _math.batch_stats(x, (0, 2), xp=np_compat)
+    y = numpy_kernels.normalize(x, mean, var, mean, xp=np_compat)
+    np.testing.assert_array_equal(y, _math.normalize(x, mean, var, mean, xp=np_compat))
+    assert len(pool.tasks) == 3
+    before = y.copy()
+    for task in pool.tasks:
+        task()  # returns at once, without writing anything
+    np.testing.assert_array_equal(y, before)
+
+    calls = []
+    runs = _numpy._run(
+        lambda blocks: calls.append(blocks) or len(blocks), (6, 37, 4099)
+    )
+    assert sum(runs) == len(_numpy._blocks((6, 37, 4099)))
+    for task in pool.tasks[3:]:
+        task()
+    assert len(calls) == len(runs)
+
+
 @pytest.mark.parametrize("failing_thread", ["calling", "pool"])
 def test_an_error_in_any_thread_reaches_the_caller_once_every_thread_is_done(
     monkeypatch, failing_thread

@@ -134,18 +134,43 @@ def _thread_count(shape: tuple[int, int, int], blocks: int) -> int:
 def _on_threads(body: Callable[[], None], n: int) -> None:
     """Call `body` on the calling thread and on ``n - 1`` threads of the pool.
 
-    The calling thread starts at once, while the pool's threads wake up. An
-    error in any of them is raised once all of them are done: none is still
-    writing the caller's arrays then.
+    `body` must take its work from a queue shared by the threads and return
+    when the queue is empty. The calling thread starts at once; a pool thread
+    that wakes up after the calling thread has emptied the queue returns
+    without calling `body`, and the calling thread does not wait for it, only
+    for the pool threads still in `body`. An error in any thread is raised
+    once none of them is in `body`: none is still writing the caller's arrays.
     """
-    helpers = [_executor().submit(body) for _ in range(n - 1)]
+    done = threading.Condition()
+    closed = False
+    running = 0
+    errors: list[BaseException] = []
+
+    def helper() -> None:
+        nonlocal running
+        with done:
+            if closed:
+                return
+            running += 1
+        try:
+            body()
+        except BaseException as error:  # raised in the calling thread
+            errors.append(error)
+        finally:
+            with done:
+                running -= 1
+                done.notify_all()
+
+    for _ in range(n - 1):
+        _executor().submit(helper)
     try:
         body()
     finally:
-        errors = [helper.exception() for helper in helpers]
-    for error in errors:
-        if error is not None:
-            raise error
+        with done:
+            closed = True
+            done.wait_for(lambda: running == 0)
+    if errors:
+        raise errors[0]
 
 
 def _run(
