@@ -391,8 +391,10 @@ def _in_parallel(
     """
     blocks = _numpy._blocks(shape)
     n = _numpy._thread_count(shape, len(blocks))
-    size = -(-len(blocks) // (_numpy._RUNS_PER_THREAD * n))
-    runs = np.array([*range(0, len(blocks), size), len(blocks)], dtype=np.int64)
+    lengths = [len(run) for run in _numpy._split(blocks, _numpy._RUNS_PER_THREAD * n)]
+    runs = np.cumsum(
+        [0, *lengths], dtype=np.int64
+    )  # first block of each run, and the end
     bounds = np.array(
         [
             (ia.start, ia.stop, ic.start, ic.stop, ib.start, ib.stop)
@@ -401,12 +403,9 @@ def _in_parallel(
         dtype=np.int64,
     )
     counter = np.zeros(1, dtype=np.int64)
-    if not channels:
-        _numpy._on_threads(lambda: loop(*args, bounds, runs, counter), n)
-        return None
-    sums = np.zeros((len(runs) - 1, 2, channels))
-    _numpy._on_threads(lambda: loop(*args, bounds, runs, counter, sums), n)
-    return sums.sum(axis=0)
+    sums = [np.zeros((len(lengths), 2, channels))] if channels else []
+    _numpy._on_threads(lambda: loop(*args, bounds, runs, counter, *sums), n)
+    return sums[0].sum(axis=0) if channels else None
 
 
 def batch_stats(
