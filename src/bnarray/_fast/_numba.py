@@ -392,9 +392,8 @@ def _in_parallel(
     blocks = _numpy._blocks(shape)
     n = _numpy._thread_count(shape, len(blocks))
     lengths = [len(run) for run in _numpy._split(blocks, _numpy._RUNS_PER_THREAD * n)]
-    runs = np.cumsum(
-        [0, *lengths], dtype=np.int64
-    )  # first block of each run, and the end
+    # The first block of each run, then the end.
+    runs = np.cumsum([0, *lengths], dtype=np.int64)
     bounds = np.array(
         [
             (ia.start, ia.stop, ic.start, ic.stop, ib.start, ib.stop)
