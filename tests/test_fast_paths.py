@@ -21,7 +21,7 @@ HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 # (shape, axis): 2-D to 5-D, channels first and last, negative and tuple axes,
 # sizes that are not multiples of the block size, more than one block per
-# thread, a row longer than a block, and layouts that fall back to _math.
+# thread, a row longer than a block (channels first and last), and layouts that fall back to _math.
 LAYOUTS = [
     ((1000, 7), -1),
     ((7, 1001), 0),
@@ -34,6 +34,7 @@ LAYOUTS = [
     ((2, 5, 7, 9, 11), 1),
     ((2, 7, 9, 11, 5), -1),
     ((2, 3, 140_001), 1),
+    ((3, 140_001), -1),
     ((4, 5, 6, 70), (1, 2)),
     ((4, 5, 6, 70), (0, 2)),
     ((4, 5, 6, 70), (-3, -1)),

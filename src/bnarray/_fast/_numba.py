@@ -143,6 +143,15 @@ _MAP = {"nogil": True, "cache": True}
 _SEGMENT = 4096
 
 
+@numba.njit(nogil=True, cache=True)
+def _fold(s1: Any, s2: Any, width: int, c0: int, out: Any) -> None:
+    """Add accumulators laid out as rows of `width` channels from `c0` into
+    ``out[0]`` and ``out[1]`` (float64), row after row."""
+    for i in range(s1.shape[0]):
+        out[0, c0 + i % width] += s1[i]
+        out[1, c0 + i % width] += s2[i]
+
+
 @numba.njit(**_REDUCE)
 def _stats_blocks(
     x: Any, shift: Any, bounds: Any, runs: Any, counter: Any, sums: Any
@@ -172,23 +181,31 @@ def _stats_blocks(
 def _stats_rows(
     x: Any, shift: Any, bounds: Any, runs: Any, counter: Any, sums: Any
 ) -> None:
-    # Channels innermost (B == 1): one accumulator per channel.
+    # Channels innermost (B == 1), over stretches of whole rows (see
+    # `_STRETCH`): one accumulator per element of a stretch, folded into the
+    # channels' sums at the end of each block, after at most 510 terms (a
+    # block has at most 2**17 elements, a stretch at least 257).
+    c = x.shape[1]
+    span = shift.shape[0] // c
+    flat = x.reshape(-1)
     run = _take(counter)
     while run < runs.shape[0] - 1:
         for k in range(runs[run], runs[run + 1]):
             a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
-            sh = shift[c0:c1]
-            for j in range(a0, a1, _SEGMENT):
-                s1 = np.zeros(c1 - c0, shift.dtype)
-                s2 = np.zeros(c1 - c0, shift.dtype)
-                for a in range(j, min(j + _SEGMENT, a1)):
-                    row = x[a, c0:c1]
-                    for i in range(row.shape[0]):
-                        d = _load(row[i]) - sh[i]
-                        s1[i] += d
-                        s2[i] += d * d
-                sums[run, 0, c0:c1] += s1
-                sums[run, 1, c0:c1] += s2
+            w = c1 - c0
+            step = span if w == c else 1
+            s1 = np.zeros(step * w, shift.dtype)
+            s2 = np.zeros(step * w, shift.dtype)
+            for a in range(a0, a1, step):
+                start = a * c + c0
+                n = (min(a + step, a1) - a) * w
+                end = c0 + n
+                row, sh = flat[start : start + n], shift[c0:end]
+                for i in range(n):
+                    d = _load(row[i]) - sh[i]
+                    s1[i] += d
+                    s2[i] += d * d
+            _fold(s1, s2, w, c0, sums[run])
         run = _take(counter)
 
 
@@ -220,24 +237,36 @@ def _grad_sums_blocks(
 
 @numba.njit(**_REDUCE)
 def _grad_sums_rows(
-    dy: Any, x: Any, mean: Any, bounds: Any, runs: Any, counter: Any, sums: Any
+    dy: Any,
+    x: Any,
+    mean: Any,
+    bounds: Any,
+    runs: Any,
+    counter: Any,
+    sums: Any,
 ) -> None:
+    c = x.shape[1]
+    span = mean.shape[0] // c
+    dyf, xf = dy.reshape(-1), x.reshape(-1)
     run = _take(counter)
     while run < runs.shape[0] - 1:
         for k in range(runs[run], runs[run + 1]):
             a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
-            m = mean[c0:c1]
-            for j in range(a0, a1, _SEGMENT):
-                s1 = np.zeros(c1 - c0, mean.dtype)
-                s2 = np.zeros(c1 - c0, mean.dtype)
-                for a in range(j, min(j + _SEGMENT, a1)):
-                    g, xr = dy[a, c0:c1], x[a, c0:c1]
-                    for i in range(g.shape[0]):
-                        gi = _load(g[i])
-                        s1[i] += gi
-                        s2[i] += gi * (_load(xr[i]) - m[i])
-                sums[run, 0, c0:c1] += s1
-                sums[run, 1, c0:c1] += s2
+            w = c1 - c0
+            step = span if w == c else 1
+            s1 = np.zeros(step * w, mean.dtype)
+            s2 = np.zeros(step * w, mean.dtype)
+            for a in range(a0, a1, step):
+                start = a * c + c0
+                n = (min(a + step, a1) - a) * w
+                end = c0 + n
+                g, xr = dyf[start : start + n], xf[start : start + n]
+                m = mean[c0:end]
+                for i in range(n):
+                    gi = _load(g[i])
+                    s1[i] += gi
+                    s2[i] += gi * (_load(xr[i]) - m[i])
+            _fold(s1, s2, w, c0, sums[run])
         run = _take(counter)
 
 
@@ -282,19 +311,27 @@ def _normalize_rows(
     runs: Any,
     counter: Any,
 ) -> None:
+    c = x.shape[1]
+    span = mean.shape[0] // c
+    xf, yf = x.reshape(-1), y.reshape(-1)
     run = _take(counter)
     while run < runs.shape[0] - 1:
         for k in range(runs[run], runs[run + 1]):
             a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
-            m, s = mean[c0:c1], scale[c0:c1]
-            for a in range(a0, a1):
-                xr, yr = x[a, c0:c1], y[a, c0:c1]
+            w = c1 - c0
+            step = span if w == c else 1
+            for a in range(a0, a1, step):
+                start = a * c + c0
+                n = (min(a + step, a1) - a) * w
+                end = c0 + n
+                xr, yr = xf[start : start + n], yf[start : start + n]
+                m, s = mean[c0:end], scale[c0:end]
                 if shift is None:
-                    for i in range(xr.shape[0]):
+                    for i in range(n):
                         yr[i] = _store((_load(xr[i]) - m[i]) * s[i], yr[0])
                 else:
-                    t = shift[c0:c1]
-                    for i in range(xr.shape[0]):
+                    t = shift[c0:end]
+                    for i in range(n):
                         yr[i] = _store((_load(xr[i]) - m[i]) * s[i] + t[i], yr[0])
         run = _take(counter)
 
@@ -347,20 +384,28 @@ def _grad_input_rows(
     runs: Any,
     counter: Any,
 ) -> None:
+    c = x.shape[1]
+    span = dy_scale.shape[0] // c
+    dyf, xf, dxf = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
     run = _take(counter)
     while run < runs.shape[0] - 1:
         for k in range(runs[run], runs[run + 1]):
             a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
-            s = dy_scale[c0:c1]
-            for a in range(a0, a1):
-                g, out = dy[a, c0:c1], dx[a, c0:c1]
+            w = c1 - c0
+            step = span if w == c else 1
+            for a in range(a0, a1, step):
+                start = a * c + c0
+                n = (min(a + step, a1) - a) * w
+                end = c0 + n
+                g, out = dyf[start : start + n], dxf[start : start + n]
+                s = dy_scale[c0:end]
                 if xc_scale is None:
-                    for i in range(g.shape[0]):
+                    for i in range(n):
                         out[i] = _store(_load(g[i]) * s[i], out[0])
                 else:
-                    xr = x[a, c0:c1]
-                    m, r, t = mean[c0:c1], xc_scale[c0:c1], shift[c0:c1]
-                    for i in range(g.shape[0]):
+                    xr = xf[start : start + n]
+                    m, r, t = mean[c0:end], xc_scale[c0:end], shift[c0:end]
+                    for i in range(n):
                         v = _load(g[i]) * s[i] + (_load(xr[i]) - m[i]) * r[i] + t[i]
                         out[i] = _store(v, out[0])
         run = _take(counter)
@@ -373,8 +418,25 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[:2]) if a.shape[2] == 1 else a
 
 
-def _channel_values(v: Array | None, c: int, dtype: np.dtype) -> np.ndarray | None:
-    return None if v is None else np.ascontiguousarray(v, dtype=dtype).reshape(c)
+# Channels-innermost loops run over stretches of about this many elements:
+# whole rows, with the per-channel operands repeated to the stretch's length,
+# so that the inner loops are long however few channels there are.
+_STRETCH = 512
+
+
+def _stretch_rows(c: int) -> int:
+    """Rows of `c` channels in a stretch (see `_STRETCH`)."""
+    return max(1, _STRETCH // c)
+
+
+def _channel_values(
+    v: Array | None, c: int, dtype: np.dtype, *, rows: bool
+) -> np.ndarray | None:
+    """A per-channel array as the loops take it: 1-D, repeated for the rows loops."""
+    if v is None:
+        return None
+    v = np.ascontiguousarray(v, dtype=dtype).reshape(c)
+    return np.tile(v, _stretch_rows(c)) if rows else v
 
 
 def _in_parallel(
@@ -425,9 +487,12 @@ def batch_stats(
     dtype = np.promote_types(x.dtype, np.float32)  # _math.compute_dtype
     shift = _numpy._shift(x3, dtype)
     xb = _bits(x3)
-    loop = _stats_blocks if xb.ndim == 3 else _stats_rows
-
-    sums = _in_parallel(loop, x3.shape, xb, shift, channels=x3.shape[1])
+    rows = xb.ndim == 2
+    loop = _stats_rows if rows else _stats_blocks
+    c = x3.shape[1]
+    sums = _in_parallel(
+        loop, x3.shape, xb, _channel_values(shift, c, dtype, rows=rows), channels=c
+    )
     return _numpy._stats_from_sums(sums, shift, x3, channel_shape)
 
 
@@ -444,8 +509,9 @@ def normalize(
     c = x3.shape[1]
     y = np.empty_like(x)
     xb, yb = _bits(x3), _bits(y.reshape(x3.shape))
-    loop = _normalize_blocks if xb.ndim == 3 else _normalize_rows
-    values = [_channel_values(v, c, dtype) for v in (mean, scale, shift)]
+    rows = xb.ndim == 2
+    loop = _normalize_rows if rows else _normalize_blocks
+    values = [_channel_values(v, c, dtype, rows=rows) for v in (mean, scale, shift)]
     _in_parallel(loop, x3.shape, xb, *values, yb)
     return y
 
@@ -464,8 +530,9 @@ def grad_sums(
     dtype = np.dtype(mean.dtype)
     c = x3.shape[1]
     dyb, xb = _bits(dy3), _bits(x3)
-    mean_c = _channel_values(mean, c, dtype)
-    loop = _grad_sums_blocks if xb.ndim == 3 else _grad_sums_rows
+    rows = xb.ndim == 2
+    mean_c = _channel_values(mean, c, dtype, rows=rows)
+    loop = _grad_sums_rows if rows else _grad_sums_blocks
 
     sums = _in_parallel(loop, x3.shape, dyb, xb, mean_c, channels=c)
     return (
@@ -500,7 +567,11 @@ def grad_input(
         shift = zero if shift is None else shift
     dx = np.empty_like(x)
     dyb, xb, dxb = _bits(dy3), _bits(x3), _bits(dx.reshape(x3.shape))
-    loop = _grad_input_blocks if xb.ndim == 3 else _grad_input_rows
-    values = [_channel_values(v, c, dtype) for v in (mean, dy_scale, xc_scale, shift)]
+    rows = xb.ndim == 2
+    loop = _grad_input_rows if rows else _grad_input_blocks
+    values = [
+        _channel_values(v, c, dtype, rows=rows)
+        for v in (mean, dy_scale, xc_scale, shift)
+    ]
     _in_parallel(loop, x3.shape, dyb, xb, *values, dxb)
     return dx
