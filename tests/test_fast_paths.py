@@ -24,6 +24,7 @@ HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 # thread, a row longer than a block (channels first and last), and layouts that fall back to _math.
 LAYOUTS = [
     ((1000, 7), -1),
+    ((40_000, 7), -1),
     ((7, 1001), 0),
     ((300, 5), 1),
     ((5, 37, 301), 1),

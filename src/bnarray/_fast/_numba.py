@@ -13,6 +13,7 @@ set up and they work after ``os.fork``.
 
 from __future__ import annotations
 
+import functools
 import platform
 from typing import Any
 
@@ -439,6 +440,32 @@ def _channel_values(
     return np.tile(v, _stretch_rows(c)) if rows else v
 
 
+@functools.lru_cache(maxsize=64)
+def _schedule(
+    shape: tuple[int, int, int], threads: int
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Threads, block bounds and runs for an (A, C, B) array (see `_in_parallel`).
+
+    Cached: a training loop calls the kernels on the same shapes again and
+    again. The arrays are read-only.
+    """
+    blocks = _numpy._blocks(shape)
+    n = _numpy._thread_count(shape, len(blocks), threads=threads)
+    lengths = [len(run) for run in _numpy._split(blocks, _numpy._RUNS_PER_THREAD * n)]
+    # The first block of each run, then the end.
+    runs = np.cumsum([0, *lengths], dtype=np.int64)
+    bounds = np.array(
+        [
+            (ia.start, ia.stop, ic.start, ic.stop, ib.start, ib.stop)
+            for ia, ic, ib in blocks
+        ],
+        dtype=np.int64,
+    )
+    runs.flags.writeable = False
+    bounds.flags.writeable = False
+    return n, bounds, runs
+
+
 def _in_parallel(
     loop: Any, shape: tuple[int, int, int], *args: Any, channels: int = 0
 ) -> Any:
@@ -451,20 +478,9 @@ def _in_parallel(
     partial sums; the rows are added in the order of the runs, so the result
     does not depend on which thread took which run.
     """
-    blocks = _numpy._blocks(shape)
-    n = _numpy._thread_count(shape, len(blocks))
-    lengths = [len(run) for run in _numpy._split(blocks, _numpy._RUNS_PER_THREAD * n)]
-    # The first block of each run, then the end.
-    runs = np.cumsum([0, *lengths], dtype=np.int64)
-    bounds = np.array(
-        [
-            (ia.start, ia.stop, ic.start, ic.stop, ib.start, ib.stop)
-            for ia, ic, ib in blocks
-        ],
-        dtype=np.int64,
-    )
+    n, bounds, runs = _schedule(tuple(shape), _numpy._num_threads())
     counter = np.zeros(1, dtype=np.int64)
-    sums = [np.zeros((len(lengths), 2, channels))] if channels else []
+    sums = [np.zeros((len(runs) - 1, 2, channels))] if channels else []
     _numpy._on_threads(lambda: loop(*args, bounds, runs, counter, *sums), n)
     return sums[0].sum(axis=0) if channels else None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -85,8 +86,8 @@ def _view3(x: np.ndarray, channel_shape: tuple[int, ...]) -> np.ndarray | None:
     first, last = kept[0], kept[-1] + 1
     if last - first != len(kept):
         return None
-    a = int(np.prod(x.shape[:first], dtype=np.int64))
-    c = int(np.prod(x.shape[first:last], dtype=np.int64))
+    a = math.prod(x.shape[:first])
+    c = math.prod(x.shape[first:last])
     return x.reshape(a, c, x.size // (a * c))
 
 
@@ -124,11 +125,14 @@ def _split(blocks: list[Any], n: int) -> Iterator[list[Any]]:
         yield blocks[i : i + size]
 
 
-def _thread_count(shape: tuple[int, int, int], blocks: int) -> int:
-    """Threads for an (A, C, B) array of `blocks` blocks: one for small arrays."""
+def _thread_count(
+    shape: tuple[int, int, int], blocks: int, *, threads: int | None = None
+) -> int:
+    """Threads for an (A, C, B) array of `blocks` blocks, of `threads` (default
+    `_num_threads()`) at most: one for small arrays."""
     if shape[0] * shape[1] * shape[2] < _THREADED_MIN_ELEMENTS:
         return 1
-    return min(_num_threads(), blocks)
+    return min(threads or _num_threads(), blocks)
 
 
 def _on_threads(body: Callable[[], None], n: int) -> None:
@@ -141,6 +145,9 @@ def _on_threads(body: Callable[[], None], n: int) -> None:
     for the pool threads still in `body`. An error in any thread is raised
     once none of them is in `body`: none is still writing the caller's arrays.
     """
+    if n == 1:
+        body()
+        return
     done = threading.Condition()
     closed = False
     running = 0
