@@ -145,6 +145,23 @@ _SEGMENT = 4096
 
 
 @numba.njit(nogil=True, cache=True)
+def _pairs(a0: int, a1: int, step: int, c: int) -> tuple[int, int]:
+    """How the channels-last loops pair the stretches of rows a0..a1.
+
+    In the reductions, stretch ``j`` (``step`` rows from ``a0 + j * step``)
+    is read side by side with stretch ``pairs + j``, which starts ``apart``
+    elements later: two long sequential streams, with one load and store of
+    each accumulator for both (1.2-1.5x faster than one stretch at a time).
+    Pairing neighbouring stretches instead makes the hardware prefetchers
+    miss: 1.4-2x slower from main memory. The rest, at most one whole and
+    one partial stretch, is read alone. (Pairs made the elementwise loops no
+    faster, or slower.)
+    """
+    pairs = (a1 - a0) // step // 2
+    return pairs, pairs * step * c
+
+
+@numba.njit(nogil=True, cache=True)
 def _fold(s1: Any, s2: Any, width: int, c0: int, out: Any) -> None:
     """Add accumulators laid out as rows of `width` channels from `c0` into
     ``out[0]`` and ``out[1]`` (float64), row after row."""
@@ -195,14 +212,24 @@ def _stats_rows(
             a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
             w = c1 - c0
             step = span if w == c else 1
-            s1 = np.zeros(step * w, shift.dtype)
-            s2 = np.zeros(step * w, shift.dtype)
-            for a in range(a0, a1, step):
-                start = a * c + c0
-                n = (min(a + step, a1) - a) * w
-                end = c0 + n
-                row, sh = flat[start : start + n], shift[c0:end]
+            n = step * w
+            s1 = np.zeros(n, shift.dtype)
+            s2 = np.zeros(n, shift.dtype)
+            pairs, apart = _pairs(a0, a1, step, c)
+            sh = shift[c0 : c0 + n]
+            for j in range(pairs):
+                p = (a0 + j * step) * c + c0
+                r0, r1 = flat[p : p + n], flat[p + apart : p + apart + n]
                 for i in range(n):
+                    d0 = _load(r0[i]) - sh[i]
+                    d1 = _load(r1[i]) - sh[i]
+                    s1[i] += d0 + d1
+                    s2[i] += d0 * d0 + d1 * d1
+            for a in range(a0 + 2 * pairs * step, a1, step):
+                start = a * c + c0
+                m = (min(a + step, a1) - a) * w
+                row = flat[start : start + m]
+                for i in range(m):
                     d = _load(row[i]) - sh[i]
                     s1[i] += d
                     s2[i] += d * d
@@ -255,15 +282,26 @@ def _grad_sums_rows(
             a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
             w = c1 - c0
             step = span if w == c else 1
-            s1 = np.zeros(step * w, mean.dtype)
-            s2 = np.zeros(step * w, mean.dtype)
-            for a in range(a0, a1, step):
-                start = a * c + c0
-                n = (min(a + step, a1) - a) * w
-                end = c0 + n
-                g, xr = dyf[start : start + n], xf[start : start + n]
-                m = mean[c0:end]
+            n = step * w
+            s1 = np.zeros(n, mean.dtype)
+            s2 = np.zeros(n, mean.dtype)
+            pairs, apart = _pairs(a0, a1, step, c)
+            m = mean[c0 : c0 + n]
+            for j in range(pairs):
+                p = (a0 + j * step) * c + c0
+                q = p + apart
+                g0, x0 = dyf[p : p + n], xf[p : p + n]
+                g1, x1 = dyf[q : q + n], xf[q : q + n]
                 for i in range(n):
+                    e0 = _load(g0[i])
+                    e1 = _load(g1[i])
+                    s1[i] += e0 + e1
+                    s2[i] += e0 * (_load(x0[i]) - m[i]) + e1 * (_load(x1[i]) - m[i])
+            for a in range(a0 + 2 * pairs * step, a1, step):
+                start = a * c + c0
+                size = (min(a + step, a1) - a) * w
+                g, xr = dyf[start : start + size], xf[start : start + size]
+                for i in range(size):
                     gi = _load(g[i])
                     s1[i] += gi
                     s2[i] += gi * (_load(xr[i]) - m[i])
