@@ -21,7 +21,9 @@ HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 # (shape, axis): 2-D to 5-D, channels first and last, negative and tuple axes,
 # sizes that are not multiples of the block size, more than one block per
-# thread, a row longer than a block (channels first and last), and layouts that fall back to _math.
+# thread, a row longer than a block (channels first and last), small images
+# (few values per channel in a row; few and many channels), and layouts that
+# fall back to _math.
 LAYOUTS = [
     ((1000, 7), -1),
     ((40_000, 7), -1),
@@ -35,6 +37,10 @@ LAYOUTS = [
     ((2, 5, 7, 9, 11), 1),
     ((2, 7, 9, 11, 5), -1),
     ((2, 3, 140_001), 1),
+    ((64, 9, 3, 3), 1),
+    ((50, 300, 2, 2), 1),
+    ((4, 2000, 2, 2), 1),
+    ((8, 5, 6, 3), (1, 2)),
     ((3, 140_001), -1),
     ((4, 5, 6, 70), (1, 2)),
     ((4, 5, 6, 70), (0, 2)),
@@ -220,7 +226,9 @@ def test_elementwise_kernels_round_exactly_like_the_generic_path(
 
 
 @pytest.mark.parametrize("threads", [1, 3, 8])
-@pytest.mark.parametrize(("shape", "axis"), [((6, 37, 4099), 1), ((9000, 61), -1)])
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((6, 37, 4099), 1), ((9000, 61), -1), ((1000, 16, 3, 3), 1)]
+)
 def test_any_number_of_threads_gives_the_same_outputs_every_time(
     numpy_kernels, monkeypatch, threads, shape, axis
 ):

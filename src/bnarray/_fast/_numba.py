@@ -450,32 +450,70 @@ def _grad_input_rows(
         run = _take(counter)
 
 
-def _bits(a: np.ndarray) -> np.ndarray:
-    """`a` as the loops take it: float16 as its bits, channels-innermost views as 2-D."""
+# Channels-first arrays with few values per channel in a row (small images:
+# B at most 16, C·B at most 4096) take the rows loops too, over the (A, C·B)
+# view with each per-channel value repeated B times: the blocks loops would
+# run inner loops of B iterations (3-6x slower for 2×2 and 3×3 images).
+_ROWS_MAX_B = 16
+_ROWS_MAX_WIDTH = 4096
+
+
+def _pick(
+    shape: tuple[int, int, int], blocks_loop: Any, rows_loop: Any
+) -> tuple[Any, int]:
+    """The loop for an (A, C, B) array, and how many times the rows loops
+    repeat each per-channel value along a row (B; 0 for the blocks loops)."""
+    _, c, b = shape
+    if b == 1 or (b <= _ROWS_MAX_B and c * b <= _ROWS_MAX_WIDTH):
+        return rows_loop, b
+    return blocks_loop, 0
+
+
+def _bits(a: np.ndarray, repeat: int) -> np.ndarray:
+    """An (A, C, B) array as the loops take it: float16 as its bits, and as
+    (A, C·B) for the rows loops (`repeat` > 0)."""
     if a.dtype == np.float16:
         a = a.view(np.uint16)
-    return a.reshape(a.shape[:2]) if a.shape[2] == 1 else a
+    return a.reshape(a.shape[0], -1) if repeat else a
 
 
-# Channels-innermost loops run over stretches of about this many elements:
-# whole rows, with the per-channel operands repeated to the stretch's length,
-# so that the inner loops are long however few channels there are.
+def _loop_shape(shape: tuple[int, int, int], repeat: int) -> tuple[int, int, int]:
+    """The shape the blocks of a loop are cut from: (A, C·B, 1) for the rows loops."""
+    a, c, b = shape
+    return (a, c * b, 1) if repeat else shape
+
+
+# The rows loops run over stretches of about this many elements: whole rows,
+# with the per-channel operands repeated to the stretch's length, so that the
+# inner loops are long however few channels there are.
 _STRETCH = 512
 
 
 def _stretch_rows(c: int) -> int:
-    """Rows of `c` channels in a stretch (see `_STRETCH`)."""
+    """Rows of `c` values in a stretch (see `_STRETCH`)."""
     return max(1, _STRETCH // c)
 
 
 def _channel_values(
-    v: Array | None, c: int, dtype: np.dtype, *, rows: bool
+    v: Array | None, c: int, dtype: np.dtype, *, repeat: int
 ) -> np.ndarray | None:
-    """A per-channel array as the loops take it: 1-D, repeated for the rows loops."""
+    """A per-channel array as the loops take it: 1-D; for the rows loops each
+    value repeated `repeat` times, and the resulting row to a stretch."""
     if v is None:
         return None
     v = np.ascontiguousarray(v, dtype=dtype).reshape(c)
-    return np.tile(v, _stretch_rows(c)) if rows else v
+    if not repeat:
+        return v
+    return np.tile(np.repeat(v, repeat), _stretch_rows(c * repeat))
+
+
+def _channel_sums(sums: np.ndarray, repeat: int) -> np.ndarray:
+    """Per-channel sums from a loop's: the rows loops sum each of the B values
+    of a channel in a row apart."""
+    if repeat <= 1:
+        return sums
+    summed: np.ndarray = sums.reshape(2, -1, repeat).sum(axis=2)
+    return summed
 
 
 @functools.lru_cache(maxsize=64)
@@ -540,14 +578,12 @@ def batch_stats(
         return _math.batch_stats(x, reduce_axes, xp=xp)
     dtype = np.promote_types(x.dtype, np.float32)  # _math.compute_dtype
     shift = _numpy._shift(x3, dtype)
-    xb = _bits(x3)
-    rows = xb.ndim == 2
-    loop = _stats_rows if rows else _stats_blocks
+    loop, r = _pick(x3.shape, _stats_blocks, _stats_rows)
     c = x3.shape[1]
-    sums = _in_parallel(
-        loop, x3.shape, xb, _channel_values(shift, c, dtype, rows=rows), channels=c
-    )
-    return _numpy._stats_from_sums(sums, shift, x3, channel_shape)
+    shape = _loop_shape(x3.shape, r)
+    xb, shifts = _bits(x3, r), _channel_values(shift, c, dtype, repeat=r)
+    sums = _in_parallel(loop, shape, xb, shifts, channels=shape[1])
+    return _numpy._stats_from_sums(_channel_sums(sums, r), shift, x3, channel_shape)
 
 
 def normalize(
@@ -562,11 +598,10 @@ def normalize(
     dtype = np.dtype(mean.dtype)
     c = x3.shape[1]
     y = np.empty_like(x)
-    xb, yb = _bits(x3), _bits(y.reshape(x3.shape))
-    rows = xb.ndim == 2
-    loop = _normalize_rows if rows else _normalize_blocks
-    values = [_channel_values(v, c, dtype, rows=rows) for v in (mean, scale, shift)]
-    _in_parallel(loop, x3.shape, xb, *values, yb)
+    loop, r = _pick(x3.shape, _normalize_blocks, _normalize_rows)
+    xb, yb = _bits(x3, r), _bits(y.reshape(x3.shape), r)
+    values = [_channel_values(v, c, dtype, repeat=r) for v in (mean, scale, shift)]
+    _in_parallel(loop, _loop_shape(x3.shape, r), xb, *values, yb)
     return y
 
 
@@ -583,12 +618,12 @@ def grad_sums(
         return _math.grad_sums(dy, x, mean, reduce_axes, xp=xp)
     dtype = np.dtype(mean.dtype)
     c = x3.shape[1]
-    dyb, xb = _bits(dy3), _bits(x3)
-    rows = xb.ndim == 2
-    mean_c = _channel_values(mean, c, dtype, rows=rows)
-    loop = _grad_sums_rows if rows else _grad_sums_blocks
-
-    sums = _in_parallel(loop, x3.shape, dyb, xb, mean_c, channels=c)
+    loop, r = _pick(x3.shape, _grad_sums_blocks, _grad_sums_rows)
+    shape = _loop_shape(x3.shape, r)
+    dyb, xb = _bits(dy3, r), _bits(x3, r)
+    mean_c = _channel_values(mean, c, dtype, repeat=r)
+    sums = _in_parallel(loop, shape, dyb, xb, mean_c, channels=shape[1])
+    sums = _channel_sums(sums, r)
     return (
         sums[0].astype(dtype).reshape(channel_shape),
         sums[1].astype(dtype).reshape(channel_shape),
@@ -620,12 +655,11 @@ def grad_input(
         xc_scale = zero if xc_scale is None else xc_scale
         shift = zero if shift is None else shift
     dx = np.empty_like(x)
-    dyb, xb, dxb = _bits(dy3), _bits(x3), _bits(dx.reshape(x3.shape))
-    rows = xb.ndim == 2
-    loop = _grad_input_rows if rows else _grad_input_blocks
+    loop, r = _pick(x3.shape, _grad_input_blocks, _grad_input_rows)
+    dyb, xb, dxb = _bits(dy3, r), _bits(x3, r), _bits(dx.reshape(x3.shape), r)
     values = [
-        _channel_values(v, c, dtype, rows=rows)
+        _channel_values(v, c, dtype, repeat=r)
         for v in (mean, dy_scale, xc_scale, shift)
     ]
-    _in_parallel(loop, x3.shape, dyb, xb, *values, dxb)
+    _in_parallel(loop, _loop_shape(x3.shape, r), dyb, xb, *values, dxb)
     return dx
