@@ -1,9 +1,11 @@
-"""NumPy kernels compiled with Numba: one fused loop per kernel (used when Numba is installed).
+"""NumPy kernels compiled with Numba: fused loops (used when Numba is installed).
 
 The same four kernels as ``_numpy``, over the same (A, C, B) views, blocks and
-threads; only the work on a block differs. Where ``_numpy`` runs three to five
-NumPy operations over each block, these loops read each input element once
-and write each output element once, in registers, in the same order of
+threads; only the work on a block differs. Each kernel has two loops: the
+blocks loops for channels-first layouts with long rows, and the rows loops
+for channels-last layouts and small images (see `_pick`). Where ``_numpy``
+runs three to five NumPy operations over each block, these loops read each
+input element once and write each output element once, in the same order of
 roundings as the generic path. Numba has no float16 on the CPU: float16 arrays
 are passed as their bits and converted by the CPU's own instructions (round to
 nearest even, as NumPy does). The loops release the GIL and run on
