@@ -147,6 +147,18 @@ _SEGMENT = 4096
 
 
 @numba.njit(nogil=True, cache=True)
+def _row_block(
+    bounds: Any, k: int, span: int, c: int
+) -> tuple[int, int, int, int, int]:
+    """Block `k` of a rows loop: its rows ``a0`` to ``a1``, its first column
+    ``c0``, its width ``w`` and the rows of one stretch (`span` where the block
+    has whole rows of `c` columns, else 1)."""
+    a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
+    w = c1 - c0
+    return a0, a1, c0, w, span if w == c else 1
+
+
+@numba.njit(nogil=True, cache=True)
 def _pairs(a0: int, a1: int, step: int, c: int) -> tuple[int, int]:
     """How the channels-last loops pair the stretches of rows a0..a1.
 
@@ -201,19 +213,18 @@ def _stats_blocks(
 def _stats_rows(
     x: Any, shift: Any, bounds: Any, runs: Any, counter: Any, sums: Any
 ) -> None:
-    # Channels innermost (B == 1), over stretches of whole rows (see
-    # `_STRETCH`): one accumulator per element of a stretch, folded into the
-    # channels' sums at the end of each block, after at most 510 terms (a
-    # block has at most 2**17 elements, a stretch at least 257).
+    # Over the (A, C·B) view (channels last, or small images; see `_pick`),
+    # in stretches of whole rows (see `_STRETCH`): one accumulator per element
+    # of a stretch, folded into the sums at the end of each block, after at
+    # most 510 terms (a block has at most 2**17 elements, a stretch at least
+    # 257).
     c = x.shape[1]
     span = shift.shape[0] // c
     flat = x.reshape(-1)
     run = _take(counter)
     while run < runs.shape[0] - 1:
         for k in range(runs[run], runs[run + 1]):
-            a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
-            w = c1 - c0
-            step = span if w == c else 1
+            a0, a1, c0, w, step = _row_block(bounds, k, span, c)
             n = step * w
             s1 = np.zeros(n, shift.dtype)
             s2 = np.zeros(n, shift.dtype)
@@ -281,9 +292,7 @@ def _grad_sums_rows(
     run = _take(counter)
     while run < runs.shape[0] - 1:
         for k in range(runs[run], runs[run + 1]):
-            a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
-            w = c1 - c0
-            step = span if w == c else 1
+            a0, a1, c0, w, step = _row_block(bounds, k, span, c)
             n = step * w
             s1 = np.zeros(n, mean.dtype)
             s2 = np.zeros(n, mean.dtype)
@@ -358,9 +367,7 @@ def _normalize_rows(
     run = _take(counter)
     while run < runs.shape[0] - 1:
         for k in range(runs[run], runs[run + 1]):
-            a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
-            w = c1 - c0
-            step = span if w == c else 1
+            a0, a1, c0, w, step = _row_block(bounds, k, span, c)
             for a in range(a0, a1, step):
                 start = a * c + c0
                 n = (min(a + step, a1) - a) * w
@@ -431,9 +438,7 @@ def _grad_input_rows(
     run = _take(counter)
     while run < runs.shape[0] - 1:
         for k in range(runs[run], runs[run + 1]):
-            a0, a1, c0, c1 = bounds[k, 0], bounds[k, 1], bounds[k, 2], bounds[k, 3]
-            w = c1 - c0
-            step = span if w == c else 1
+            a0, a1, c0, w, step = _row_block(bounds, k, span, c)
             for a in range(a0, a1, step):
                 start = a * c + c0
                 n = (min(a + step, a1) - a) * w
