@@ -160,12 +160,12 @@ def _row_block(
 
 @numba.njit(nogil=True, cache=True)
 def _pairs(a0: int, a1: int, step: int, c: int) -> tuple[int, int]:
-    """How the channels-last loops pair the stretches of rows a0..a1.
+    """How the rows loops pair the stretches of rows a0..a1.
 
     In the reductions, stretch ``j`` (``step`` rows from ``a0 + j * step``)
     is read side by side with stretch ``pairs + j``, which starts ``apart``
     elements later: two long sequential streams, with one load and store of
-    each accumulator for both (1.2-1.5x faster than one stretch at a time).
+    each accumulator for both (1.2-1.4x faster than one stretch at a time).
     Pairing neighbouring stretches instead makes the hardware prefetchers
     miss: 1.4-2x slower from main memory. The rest, at most one whole and
     one partial stretch, is read alone. (Pairs made the elementwise loops no
