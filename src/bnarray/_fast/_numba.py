@@ -240,9 +240,9 @@ def _stats_rows(
                     s2[i] += d0 * d0 + d1 * d1
             for a in range(a0 + 2 * pairs * step, a1, step):
                 start = a * c + c0
-                m = (min(a + step, a1) - a) * w
-                row = flat[start : start + m]
-                for i in range(m):
+                size = (min(a + step, a1) - a) * w
+                row = flat[start : start + size]
+                for i in range(size):
                     d = _load(row[i]) - sh[i]
                     s1[i] += d
                     s2[i] += d * d
