@@ -457,23 +457,15 @@ def _grad_input_rows(
         run = _take(counter)
 
 
-# Channels-first arrays with few values per channel in a row (small images:
-# B at most 16, C·B at most 4096) take the rows loops too, over the (A, C·B)
-# view with each per-channel value repeated B times: the blocks loops would
-# run inner loops of B iterations (3-6x slower for 2×2 and 3×3 images).
-_ROWS_MAX_B = 16
-_ROWS_MAX_WIDTH = 4096
-
-
 def _pick(
     shape: tuple[int, int, int], blocks_loop: Any, rows_loop: Any
 ) -> tuple[Any, int]:
     """The loop for an (A, C, B) array, and how many times the rows loops
-    repeat each per-channel value along a row (B; 0 for the blocks loops)."""
-    _, c, b = shape
-    if b == 1 or (b <= _ROWS_MAX_B and c * b <= _ROWS_MAX_WIDTH):
-        return rows_loop, b
-    return blocks_loop, 0
+    repeat each per-channel value along a row (B; 0 for the blocks loops):
+    the rows loops serve channels-last arrays and small images (see
+    ``_numpy._row_repeat``)."""
+    r = _numpy._row_repeat(shape)
+    return (rows_loop if r else blocks_loop), r
 
 
 def _bits(a: np.ndarray, repeat: int) -> np.ndarray:
