@@ -3,7 +3,7 @@
 The same four kernels as ``_numpy``, over the same (A, C, B) views, blocks and
 threads; only the work on a block differs. Each kernel has two loops: the
 blocks loops for channels-first layouts with long rows, and the rows loops
-for channels-last layouts and small images (see `_pick`). Where ``_numpy``
+for channels-last layouts and small images (see `_layout`). Where ``_numpy``
 runs three to five NumPy operations over each block, these loops read each
 input element once and write each output element once, in the same order of
 roundings as the generic path. Numba has no float16 on the CPU: float16 arrays
@@ -184,138 +184,83 @@ def _fold(s1: Any, s2: Any, width: int, c0: int, out: Any) -> None:
         out[1, c0 + i % width] += s2[i]
 
 
+# The statistics and the gradient sums are one reduction: Σ u and Σ u·d with
+# d = x − ref, where u = d for the statistics (`dy` None; ref is the shift of
+# ``_numpy._shift``) and u = dy for the gradient sums (ref is the mean).
+# Numba compiles the two apart (a None `dy` removes its branches).
+
+
 @numba.njit(**_REDUCE)
-def _stats_blocks(
-    x: Any, shift: Any, bounds: Any, runs: Any, counter: Any, sums: Any
+def _sums_blocks(
+    x: Any, ref: Any, dy: Any, bounds: Any, runs: Any, counter: Any, sums: Any
 ) -> None:
-    zero = np.zeros(1, shift.dtype)[0]
+    zero = np.zeros(1, ref.dtype)[0]
     run = _take(counter)
     while run < runs.shape[0] - 1:
         for k in range(runs[run], runs[run + 1]):
             a0, a1, c0, c1, b0, b1 = bounds[k]
             for a in range(a0, a1):
                 for c in range(c0, c1):
-                    s = shift[c]
-                    for j in range(b0, b1, _SEGMENT):
-                        row = x[a, c, j : min(j + _SEGMENT, b1)]
-                        s1 = zero
-                        s2 = zero
-                        for i in range(row.shape[0]):
-                            d = _load(row[i]) - s
-                            s1 += d
-                            s2 += d * d
-                        sums[run, 0, c] += s1
-                        sums[run, 1, c] += s2
-        run = _take(counter)
-
-
-@numba.njit(**_REDUCE)
-def _stats_rows(
-    x: Any, shift: Any, bounds: Any, runs: Any, counter: Any, sums: Any
-) -> None:
-    # Over the (A, C·B) view (channels last, or small images; see `_pick`),
-    # in stretches of whole rows (see `_STRETCH`): one accumulator per element
-    # of a stretch, folded into the sums at the end of each block, after at
-    # most 510 terms (a block has at most 2**17 elements, a stretch at least
-    # 257).
-    c = x.shape[1]
-    span = shift.shape[0] // c
-    flat = x.reshape(-1)
-    run = _take(counter)
-    while run < runs.shape[0] - 1:
-        for k in range(runs[run], runs[run + 1]):
-            a0, a1, c0, w, step = _row_block(bounds, k, span, c)
-            n = step * w
-            s1 = np.zeros(n, shift.dtype)
-            s2 = np.zeros(n, shift.dtype)
-            pairs, apart = _pairs(a0, a1, step, c)
-            sh = shift[c0 : c0 + n]
-            for j in range(pairs):
-                p = (a0 + j * step) * c + c0
-                r0, r1 = flat[p : p + n], flat[p + apart : p + apart + n]
-                for i in range(n):
-                    d0 = _load(r0[i]) - sh[i]
-                    d1 = _load(r1[i]) - sh[i]
-                    s1[i] += d0 + d1
-                    s2[i] += d0 * d0 + d1 * d1
-            for a in range(a0 + 2 * pairs * step, a1, step):
-                start = a * c + c0
-                size = (min(a + step, a1) - a) * w
-                row = flat[start : start + size]
-                for i in range(size):
-                    d = _load(row[i]) - sh[i]
-                    s1[i] += d
-                    s2[i] += d * d
-            _fold(s1, s2, w, c0, sums[run])
-        run = _take(counter)
-
-
-@numba.njit(**_REDUCE)
-def _grad_sums_blocks(
-    dy: Any, x: Any, mean: Any, bounds: Any, runs: Any, counter: Any, sums: Any
-) -> None:
-    zero = np.zeros(1, mean.dtype)[0]
-    run = _take(counter)
-    while run < runs.shape[0] - 1:
-        for k in range(runs[run], runs[run + 1]):
-            a0, a1, c0, c1, b0, b1 = bounds[k]
-            for a in range(a0, a1):
-                for c in range(c0, c1):
-                    m = mean[c]
+                    r = ref[c]
                     for j in range(b0, b1, _SEGMENT):
                         stop = min(j + _SEGMENT, b1)
-                        g, xr = dy[a, c, j:stop], x[a, c, j:stop]
+                        xr = x[a, c, j:stop]
+                        g = xr if dy is None else dy[a, c, j:stop]
                         s1 = zero
                         s2 = zero
-                        for i in range(g.shape[0]):
-                            gi = _load(g[i])
-                            s1 += gi
-                            s2 += gi * (_load(xr[i]) - m)
+                        for i in range(xr.shape[0]):
+                            d = _load(xr[i]) - r
+                            u = d if dy is None else _load(g[i])
+                            s1 += u
+                            s2 += u * d
                         sums[run, 0, c] += s1
                         sums[run, 1, c] += s2
         run = _take(counter)
 
 
 @numba.njit(**_REDUCE)
-def _grad_sums_rows(
-    dy: Any,
-    x: Any,
-    mean: Any,
-    bounds: Any,
-    runs: Any,
-    counter: Any,
-    sums: Any,
+def _sums_rows(
+    x: Any, ref: Any, dy: Any, bounds: Any, runs: Any, counter: Any, sums: Any
 ) -> None:
+    # Over the (A, C·B) view (channels last, or small images; see
+    # ``_numpy._row_repeat``), in stretches of whole rows (see `_STRETCH`):
+    # one accumulator per element of a stretch, folded into the sums at the
+    # end of each block, after at most 510 terms (a block has at most 2**17
+    # elements, a stretch at least 257).
     c = x.shape[1]
-    span = mean.shape[0] // c
-    dyf, xf = dy.reshape(-1), x.reshape(-1)
+    span = ref.shape[0] // c
+    xf = x.reshape(-1)
+    gf = xf if dy is None else dy.reshape(-1)
     run = _take(counter)
     while run < runs.shape[0] - 1:
         for k in range(runs[run], runs[run + 1]):
             a0, a1, c0, w, step = _row_block(bounds, k, span, c)
             n = step * w
-            s1 = np.zeros(n, mean.dtype)
-            s2 = np.zeros(n, mean.dtype)
+            s1 = np.zeros(n, ref.dtype)
+            s2 = np.zeros(n, ref.dtype)
             pairs, apart = _pairs(a0, a1, step, c)
-            m = mean[c0 : c0 + n]
+            rr = ref[c0 : c0 + n]
             for j in range(pairs):
                 p = (a0 + j * step) * c + c0
                 q = p + apart
-                g0, x0 = dyf[p : p + n], xf[p : p + n]
-                g1, x1 = dyf[q : q + n], xf[q : q + n]
+                x0, x1 = xf[p : p + n], xf[q : q + n]
+                g0, g1 = gf[p : p + n], gf[q : q + n]
                 for i in range(n):
-                    e0 = _load(g0[i])
-                    e1 = _load(g1[i])
-                    s1[i] += e0 + e1
-                    s2[i] += e0 * (_load(x0[i]) - m[i]) + e1 * (_load(x1[i]) - m[i])
+                    d0 = _load(x0[i]) - rr[i]
+                    d1 = _load(x1[i]) - rr[i]
+                    u0 = d0 if dy is None else _load(g0[i])
+                    u1 = d1 if dy is None else _load(g1[i])
+                    s1[i] += u0 + u1
+                    s2[i] += u0 * d0 + u1 * d1
             for a in range(a0 + 2 * pairs * step, a1, step):
                 start = a * c + c0
                 size = (min(a + step, a1) - a) * w
-                g, xr = dyf[start : start + size], xf[start : start + size]
+                xr, g = xf[start : start + size], gf[start : start + size]
                 for i in range(size):
-                    gi = _load(g[i])
-                    s1[i] += gi
-                    s2[i] += gi * (_load(xr[i]) - m[i])
+                    d = _load(xr[i]) - rr[i]
+                    u = d if dy is None else _load(g[i])
+                    s1[i] += u
+                    s2[i] += u * d
             _fold(s1, s2, w, c0, sums[run])
         run = _take(counter)
 
@@ -457,29 +402,21 @@ def _grad_input_rows(
         run = _take(counter)
 
 
-def _pick(
-    shape: tuple[int, int, int], blocks_loop: Any, rows_loop: Any
-) -> tuple[Any, int]:
-    """The loop for an (A, C, B) array, and how many times the rows loops
-    repeat each per-channel value along a row (B; 0 for the blocks loops):
-    the rows loops serve channels-last arrays and small images (see
-    ``_numpy._row_repeat``)."""
-    r = _numpy._row_repeat(shape)
-    return (rows_loop if r else blocks_loop), r
+def _layout(
+    x3: np.ndarray, blocks_loop: Any, rows_loop: Any
+) -> tuple[np.ndarray, int, Any]:
+    """The view of an (A, C, B) array the loops run over, its columns per
+    channel and the loop: the rows loops for rows of C·B values (channels last,
+    small images; see ``_numpy._as_rows``), else the blocks loops."""
+    xs, r = _numpy._as_rows(x3)
+    return xs, r, rows_loop if xs.shape[2] == 1 else blocks_loop
 
 
-def _bits(a: np.ndarray, repeat: int) -> np.ndarray:
-    """An (A, C, B) array as the loops take it: float16 as its bits, and as
-    (A, C·B) for the rows loops (`repeat` > 0)."""
+def _bits(a: np.ndarray) -> np.ndarray:
+    """`a` as the loops take it: float16 as its bits, (A, C, 1) views as 2-D."""
     if a.dtype == np.float16:
         a = a.view(np.uint16)
-    return a.reshape(a.shape[0], -1) if repeat else a
-
-
-def _loop_shape(shape: tuple[int, int, int], repeat: int) -> tuple[int, int, int]:
-    """The shape the blocks of a loop are cut from: (A, C·B, 1) for the rows loops."""
-    a, c, b = shape
-    return (a, c * b, 1) if repeat else shape
+    return a.reshape(a.shape[:2]) if a.shape[2] == 1 else a
 
 
 # The rows loops run over stretches of about this many elements: whole rows,
@@ -494,25 +431,14 @@ def _stretch_rows(c: int) -> int:
 
 
 def _channel_values(
-    v: Array | None, c: int, dtype: np.dtype, *, repeat: int
+    v: Array | None, xs: np.ndarray, r: int, dtype: np.dtype
 ) -> np.ndarray | None:
-    """A per-channel array as the loops take it: 1-D; for the rows loops each
-    value repeated `repeat` times, and the resulting row to a stretch."""
+    """A per-channel array as the loops over `xs` take it (see `_layout`): 1-D,
+    each value repeated `r` times; for the rows loops, repeated to a stretch."""
     if v is None:
         return None
-    v = np.ascontiguousarray(v, dtype=dtype).reshape(c)
-    if not repeat:
-        return v
-    return np.tile(np.repeat(v, repeat), _stretch_rows(c * repeat))
-
-
-def _channel_sums(sums: np.ndarray, repeat: int) -> np.ndarray:
-    """Per-channel sums from a loop's: the rows loops sum each of the B values
-    of a channel in a row apart."""
-    if repeat <= 1:
-        return sums
-    summed: np.ndarray = sums.reshape(2, -1, repeat).sum(axis=2)
-    return summed
+    v = np.repeat(np.ravel(np.asarray(v, dtype=dtype)), r)
+    return np.tile(v, _stretch_rows(xs.shape[1])) if xs.shape[2] == 1 else v
 
 
 @functools.lru_cache(maxsize=64)
@@ -577,12 +503,11 @@ def batch_stats(
         return _math.batch_stats(x, reduce_axes, xp=xp)
     dtype = np.promote_types(x.dtype, np.float32)  # _math.compute_dtype
     shift = _numpy._shift(x3, dtype)
-    loop, r = _pick(x3.shape, _stats_blocks, _stats_rows)
-    c = x3.shape[1]
-    shape = _loop_shape(x3.shape, r)
-    xb, shifts = _bits(x3, r), _channel_values(shift, c, dtype, repeat=r)
-    sums = _in_parallel(loop, shape, xb, shifts, channels=shape[1])
-    return _numpy._stats_from_sums(_channel_sums(sums, r), shift, x3, channel_shape)
+    xs, r, loop = _layout(x3, _sums_blocks, _sums_rows)
+    shifts = _channel_values(shift, xs, r, dtype)
+    sums = _in_parallel(loop, xs.shape, _bits(xs), shifts, None, channels=xs.shape[1])
+    sums = _numpy._fold_columns(sums, r)
+    return _numpy._stats_from_sums(sums, shift, x3, channel_shape)
 
 
 def normalize(
@@ -595,12 +520,10 @@ def normalize(
     if x3 is None:
         return _math.normalize(x, mean, scale, shift, xp=xp)
     dtype = np.dtype(mean.dtype)
-    c = x3.shape[1]
     y = np.empty_like(x)
-    loop, r = _pick(x3.shape, _normalize_blocks, _normalize_rows)
-    xb, yb = _bits(x3, r), _bits(y.reshape(x3.shape), r)
-    values = [_channel_values(v, c, dtype, repeat=r) for v in (mean, scale, shift)]
-    _in_parallel(loop, _loop_shape(x3.shape, r), xb, *values, yb)
+    xs, r, loop = _layout(x3, _normalize_blocks, _normalize_rows)
+    values = [_channel_values(v, xs, r, dtype) for v in (mean, scale, shift)]
+    _in_parallel(loop, xs.shape, _bits(xs), *values, _bits(y.reshape(xs.shape)))
     return y
 
 
@@ -616,13 +539,11 @@ def grad_sums(
     if x3 is None or dy3 is None or dy.dtype != x.dtype:
         return _math.grad_sums(dy, x, mean, reduce_axes, xp=xp)
     dtype = np.dtype(mean.dtype)
-    c = x3.shape[1]
-    loop, r = _pick(x3.shape, _grad_sums_blocks, _grad_sums_rows)
-    shape = _loop_shape(x3.shape, r)
-    dyb, xb = _bits(dy3, r), _bits(x3, r)
-    mean_c = _channel_values(mean, c, dtype, repeat=r)
-    sums = _in_parallel(loop, shape, dyb, xb, mean_c, channels=shape[1])
-    sums = _channel_sums(sums, r)
+    xs, r, loop = _layout(x3, _sums_blocks, _sums_rows)
+    means = _channel_values(mean, xs, r, dtype)
+    dyb = _bits(dy3.reshape(xs.shape))
+    sums = _in_parallel(loop, xs.shape, _bits(xs), means, dyb, channels=xs.shape[1])
+    sums = _numpy._fold_columns(sums, r)
     return (
         sums[0].astype(dtype).reshape(channel_shape),
         sums[1].astype(dtype).reshape(channel_shape),
@@ -654,11 +575,10 @@ def grad_input(
         xc_scale = zero if xc_scale is None else xc_scale
         shift = zero if shift is None else shift
     dx = np.empty_like(x)
-    loop, r = _pick(x3.shape, _grad_input_blocks, _grad_input_rows)
-    dyb, xb, dxb = _bits(dy3, r), _bits(x3, r), _bits(dx.reshape(x3.shape), r)
+    xs, r, loop = _layout(x3, _grad_input_blocks, _grad_input_rows)
+    dyb, xb, dxb = (_bits(a.reshape(xs.shape)) for a in (dy3, x3, dx))
     values = [
-        _channel_values(v, c, dtype, repeat=r)
-        for v in (mean, dy_scale, xc_scale, shift)
+        _channel_values(v, xs, r, dtype) for v in (mean, dy_scale, xc_scale, shift)
     ]
-    _in_parallel(loop, _loop_shape(x3.shape, r), dyb, xb, *values, dxb)
+    _in_parallel(loop, xs.shape, dyb, xb, *values, dxb)
     return dx

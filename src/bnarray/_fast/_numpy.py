@@ -146,7 +146,7 @@ def _as_rows(x3: np.ndarray) -> tuple[np.ndarray, int]:
 
 def _fold_columns(sums: np.ndarray, r: int) -> np.ndarray:
     """Per-channel sums from the sums of (A, C·r, 1) columns."""
-    if r == 1:
+    if r <= 1:
         return sums
     folded: np.ndarray = sums.reshape(2, -1, r).sum(axis=2)
     return folded
