@@ -92,7 +92,10 @@ def _run(x, dy, w, b, rm, rv, *, axis, training):
     )
     y, ctx = bn.batch_norm_forward(x, w, b, axis=axis, **kwargs)
     dx, dw, db = bn.batch_norm_backward(dy, ctx)
-    return {"y": y, "mean": ctx.mean, "var": ctx.var, "dx": dx, "dw": dw, "db": db}
+    out = {"y": y, "mean": ctx.mean, "var": ctx.var, "dx": dx, "dw": dw, "db": db}
+    if training and rm is not None:
+        out["running_mean"], out["running_var"] = bn.update_running_stats(rm, rv, ctx)
+    return out
 
 
 def _assert_matches(fast, generic, dtype):
@@ -457,14 +460,24 @@ def test_an_error_in_any_thread_reaches_the_caller_once_every_thread_is_done(
     assert len(finished) == 15  # no thread still works after the error is raised
 
 
-@pytest.mark.parametrize(("shape", "axis"), LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("training", [True, False])
-def test_cupy_fast_path_matches_generic_path(monkeypatch, shape, axis, dtype, training):
+def _cupy():
     cupy = pytest.importorskip("cupy")
     if not cupy.is_available():
         pytest.skip("CuPy is installed but no CUDA device is available")
+    return cupy
+
+
+@pytest.mark.parametrize(("shape", "axis"), LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_cupy_fast_path_matches_generic_path(
+    monkeypatch, shape, axis, dtype, training, affine
+):
+    cupy = _cupy()
     arrays = [cupy.asarray(a) for a in _inputs(shape, axis, dtype)]
+    if not affine:
+        arrays[2] = arrays[3] = None
     monkeypatch.delenv(FORCE_GENERIC_ENV, raising=False)
     fast = _run(*arrays, axis=axis, training=training)
     monkeypatch.setenv(FORCE_GENERIC_ENV, "1")
@@ -489,9 +502,7 @@ def test_cupy_fast_path_matches_generic_path(monkeypatch, shape, axis, dtype, tr
 )
 @pytest.mark.parametrize("training", [True, False])
 def test_cupy_fast_path_matches_generic_path_on_views(monkeypatch, view, training):
-    cupy = pytest.importorskip("cupy")
-    if not cupy.is_available():
-        pytest.skip("CuPy is installed but no CUDA device is available")
+    cupy = _cupy()
     x, dy, *_ = _inputs((3, 41, 43, 37), -1, np.float32)
     x, dy = (view(cupy.asarray(a)) for a in (x, dy))
     _, _, w, b, rm, rv = (cupy.asarray(a) for a in _inputs(x.shape, 1, np.float32))
@@ -504,6 +515,78 @@ def test_cupy_fast_path_matches_generic_path_on_views(monkeypatch, view, trainin
         {k: cupy.asnumpy(v) for k, v in generic.items()},
         np.float32,
     )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_cupy_per_channel_kernels_match_the_generic_ones(dtype, training, affine):
+    # One launch each on CuPy, one array operation per step in _math: the same
+    # roundings in the same order, so equal to a rounding or two. Per-channel
+    # operands arrive as strided views and in the broadcast shape.
+    cupy = _cupy()
+    from bnarray._fast import _cupy as kernels
+
+    rng = np.random.default_rng(3)
+    shape = (1, 37, 1)
+
+    def channel(low, high):
+        values = rng.uniform(low, high, 2 * 37).astype(dtype)
+        return cupy.asarray(values)[::2].reshape(shape)
+
+    var, gamma = channel(0.0, 4.0), channel(-2.0, 2.0) if affine else None
+    sums = channel(-50.0, 50.0), channel(-50.0, 50.0)
+    rtol = 4 * np.finfo(dtype).eps
+    for fast, generic in [
+        (
+            kernels.forward_scales(var, gamma, 1e-3, xp=cupy),
+            _math.forward_scales(var, gamma, 1e-3, xp=cupy),
+        ),
+        (
+            kernels.backward_scales(
+                *sums, var, gamma, 1001, training=training, xp=cupy
+            ),
+            _math.backward_scales(*sums, var, gamma, 1001, training=training, xp=cupy),
+        ),
+    ]:
+        assert len(fast) == len(generic)
+        for a, e in zip(fast, generic, strict=True):
+            assert (a is None) == (e is None)
+            if e is not None:
+                assert a.shape == e.shape and a.dtype == e.dtype
+                np.testing.assert_allclose(cupy.asnumpy(a), cupy.asnumpy(e), rtol=rtol)
+
+
+@pytest.mark.parametrize(
+    ("running_dtype", "var_dtype"),
+    [
+        (np.float32, np.float32),
+        (np.float64, np.float64),
+        (np.float64, np.float32),  # the fused kernel converts the batch values
+        (np.float16, np.float16),  # float16 and mixed dtypes take the generic path
+        (np.float64, np.float16),
+    ],
+)
+def test_cupy_running_update_matches_the_generic_one(running_dtype, var_dtype):
+    cupy = _cupy()
+    from bnarray._fast import _cupy as kernels
+
+    rng = np.random.default_rng(4)
+    mean = cupy.asarray(rng.standard_normal(2 * 29, dtype=np.float32))[::2]
+    var = cupy.asarray(rng.uniform(0.5, 2.0, 29).astype(np.float32))
+    running_mean = cupy.asarray(rng.standard_normal(29).astype(running_dtype))
+    running_var = cupy.asarray(rng.uniform(0.5, 2.0, 29).astype(var_dtype))
+    args = (running_mean, running_var, mean, var)
+    kwargs = {"factor": 0.1, "bessel": 1000 / 999, "xp": cupy}
+    before = [cupy.asnumpy(a) for a in args]
+    fast = kernels.running_update(*args, **kwargs)
+    generic = _math.running_update(*args, **kwargs)
+    for a, e in zip(fast, generic, strict=True):
+        assert a.shape == e.shape and a.dtype == e.dtype
+        rtol = 2 * np.finfo(e.dtype).eps
+        np.testing.assert_allclose(cupy.asnumpy(a), cupy.asnumpy(e), rtol=rtol)
+    for a, b in zip(args, before, strict=True):  # the inputs are not written
+        np.testing.assert_array_equal(cupy.asnumpy(a), b)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

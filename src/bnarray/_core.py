@@ -235,9 +235,8 @@ def batch_norm_forward(
     else:
         mean = _as_stat(running_mean, shape, dtype, xp)
         var = _as_stat(running_var, shape, dtype, xp)
-    invstd = 1.0 / xp.sqrt(var + eps)
     gamma = _as_stat(weight, shape, dtype, xp)
-    scale = invstd if gamma is None else invstd * gamma
+    invstd, scale = kernels.forward_scales(var, gamma, eps, xp=xp)
     y = kernels.normalize(x, mean, scale, _as_stat(bias, shape, dtype, xp), xp=xp)
     ctx = BatchNormContext(
         x=x,
@@ -335,17 +334,12 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
     mean = xp.reshape(ctx.mean, shape)
     invstd = xp.reshape(ctx.invstd, shape)
     gamma = _as_stat(ctx.weight, shape, dtype, xp)
-    dy_scale = invstd if gamma is None else invstd * gamma
 
     sum_dy, sum_dy_xc = kernels.grad_sums(dy, x, mean, reduce_axes, xp=xp)
-    dweight = sum_dy_xc * invstd
-    if ctx.training:
-        m = float(ctx.count)
-        xc_scale = -dy_scale * invstd * dweight / m
-        shift = -dy_scale * sum_dy / m
-        dx = kernels.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp)
-    else:
-        dx = kernels.grad_input(dy, x, mean, dy_scale, None, None, xp=xp)
+    dweight, dy_scale, xc_scale, shift = kernels.backward_scales(
+        sum_dy, sum_dy_xc, invstd, gamma, ctx.count, training=ctx.training, xp=xp
+    )
+    dx = kernels.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp)
 
     param_dtype = dtype if ctx.weight is None else ctx.weight.dtype
     channel_shape = tuple(ctx.mean.shape)
@@ -437,8 +431,15 @@ def update_running_stats(
 
     factor = momentum if momentum is not None else 1.0 / n  # type: ignore[operator]
     bessel = ctx.count / (ctx.count - 1)
-    batch_mean = xp.astype(ctx.mean, running_mean.dtype, copy=False)
-    batch_var = xp.astype(ctx.var, running_var.dtype, copy=False) * bessel
-    new_mean = (1.0 - factor) * running_mean + factor * batch_mean
-    new_var = (1.0 - factor) * running_var + factor * batch_var
+    new_mean: Array
+    new_var: Array
+    new_mean, new_var = kernels_for(xp).running_update(
+        running_mean,
+        running_var,
+        ctx.mean,
+        ctx.var,
+        factor=factor,
+        bessel=bessel,
+        xp=xp,
+    )
     return new_mean, new_var

@@ -1,10 +1,14 @@
 """The batch-normalization math, written once against the array API standard.
 
-The four kernels below are the only functions that touch full-size arrays; each
-one is a pass (or two) over memory. ``_fast/`` holds faster versions of the same
-four kernels for some namespaces; this module is the reference they are tested
-against. Per-channel arrays (``mean``, ``scale``, ...) arrive in the broadcast
-shape (size 1 along the reduced axes) and in the compute dtype.
+Two kinds of kernel. ``batch_stats``, ``normalize``, ``grad_sums`` and
+``grad_input`` are the only functions that touch full-size arrays; each one is
+a pass (or two) over memory. ``forward_scales``, ``backward_scales`` and
+``running_update`` do the per-channel arithmetic between those passes.
+``_fast/`` holds faster versions of these kernels for some namespaces (a
+module that has nothing faster for one re-exports it from here); this module
+is the reference they are tested against. Per-channel arrays (``mean``,
+``scale``, ...) arrive in the broadcast shape (size 1 along the reduced axes)
+and in the compute dtype, except where a docstring says otherwise.
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ from __future__ import annotations
 from ._compat import Array, Namespace
 
 __all__ = [
+    "backward_scales",
     "batch_stats",
     "compute_dtype",
+    "forward_scales",
     "grad_input",
     "grad_sums",
     "normalize",
+    "running_update",
 ]
 
 
@@ -97,3 +104,68 @@ def grad_input(
     if shift is not None:
         dx = dx + shift
     return xp.astype(dx, x.dtype, copy=False)
+
+
+# Per-channel arithmetic. Full-size passes need a few per-channel operands; on
+# an accelerator each line below is a kernel launch, which a fast path may fold
+# into one.
+
+
+def forward_scales(
+    var: Array, gamma: Array | None, eps: float, *, xp: Namespace
+) -> tuple[Array, Array]:
+    """``invstd = 1 / sqrt(var + eps)`` and the normalization's ``scale = invstd · γ``.
+
+    `gamma` None means γ = 1 (`scale` is then `invstd`).
+    """
+    invstd = 1.0 / xp.sqrt(var + eps)
+    return invstd, (invstd if gamma is None else invstd * gamma)
+
+
+def backward_scales(
+    sum_dy: Array,
+    sum_dy_xc: Array,
+    invstd: Array,
+    gamma: Array | None,
+    count: int,
+    *,
+    training: bool,
+    xp: Namespace,
+) -> tuple[Array, Array, Array | None, Array | None]:
+    """The operands of :func:`grad_input`, and γ's gradient, from the sums of :func:`grad_sums`.
+
+    Returns ``dweight = Σ dy · (x - mean) · invstd``, ``dy_scale = γ · invstd``
+    and, in training (where the mean and variance depend on `x`), over
+    m = `count` values per channel, ``xc_scale = -dy_scale · invstd · dweight / m``
+    and ``shift = -dy_scale · Σ dy / m``; in inference those two are None.
+    """
+    dy_scale = invstd if gamma is None else invstd * gamma
+    dweight = sum_dy_xc * invstd
+    if not training:
+        return dweight, dy_scale, None, None
+    m = float(count)
+    xc_scale = -dy_scale * invstd * dweight / m
+    shift = -dy_scale * sum_dy / m
+    return dweight, dy_scale, xc_scale, shift
+
+
+def running_update(
+    running_mean: Array,
+    running_var: Array,
+    mean: Array,
+    var: Array,
+    *,
+    factor: float,
+    bessel: float,
+    xp: Namespace,
+) -> tuple[Array, Array]:
+    """``(1 - factor) · running + factor · batch``, with the batch variance times `bessel`.
+
+    All four arrays have the channel shape; the results have the running
+    statistics' dtypes, and so does the arithmetic.
+    """
+    batch_mean = xp.astype(mean, running_mean.dtype, copy=False)
+    batch_var = xp.astype(var, running_var.dtype, copy=False) * bessel
+    new_mean = (1.0 - factor) * running_mean + factor * batch_mean
+    new_var = (1.0 - factor) * running_var + factor * batch_var
+    return new_mean, new_var

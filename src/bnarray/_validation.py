@@ -47,7 +47,8 @@ def namespace_of(arrays: Mapping[str, Array | None]) -> Namespace:
             msg = f"`{name}` must be an array or None, got {type(other).__name__}: {other!r:.80}"
             raise TypeError(msg)
         try:
-            array_namespace(anchor, other)
+            if type(other) is not type(anchor):  # one type, one library
+                array_namespace(anchor, other)
         except TypeError:
             msg = (
                 f"`{name}` is a {library_name(other)} array but `{anchor_name}` is a "

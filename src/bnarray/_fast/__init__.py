@@ -38,8 +38,10 @@ def _numba_kernels() -> ModuleType | None:
 
 
 def kernels_for(xp: Namespace) -> ModuleType:
-    """The module whose ``batch_stats``, ``normalize``, ``grad_sums`` and
-    ``grad_input`` serve arrays of `xp`.
+    """The module whose kernels serve arrays of `xp`: the full-size passes
+    ``batch_stats``, ``normalize``, ``grad_sums`` and ``grad_input``, and the
+    per-channel arithmetic ``forward_scales``, ``backward_scales`` and
+    ``running_update`` (see :mod:`bnarray._math`).
 
     NumPy gets the compiled loops of ``_numba`` where Numba is installed and
     usable (a RuntimeWarning says why where it is installed but not usable)

@@ -19,15 +19,25 @@ tuple of axes is served. ``T`` is the dtype of `x`, ``S`` the compute dtype
 from __future__ import annotations
 
 import math
+import re
 from functools import cache
 from typing import Any
 
 import cupy
 import numpy
 
+from .. import _math
 from .._compat import Array, Namespace
 
-__all__ = ["batch_stats", "grad_input", "grad_sums", "normalize"]
+__all__ = [
+    "backward_scales",
+    "batch_stats",
+    "forward_scales",
+    "grad_input",
+    "grad_sums",
+    "normalize",
+    "running_update",
+]
 
 
 # The two per-channel sums each reduction needs travel as the real and imaginary
@@ -155,6 +165,35 @@ __device__ __forceinline__ void store(unsigned short* p, float v) {
 }
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(double* p, double v) { *p = v; }
+
+// Products and sums rounded one at a time (never fused into an FMA), as the
+// generic path's array operations round them.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
+// p and q summed over a one-dimensional block of a multiple of 32 threads;
+// the totals are those of thread 0.
+__device__ __forceinline__ void block_sums(S& p, S& q) {
+    for (int o = 16; o > 0; o >>= 1) {
+        p += __shfl_down_sync(0xffffffffu, p, o);
+        q += __shfl_down_sync(0xffffffffu, q, o);
+    }
+    __shared__ S shared_p[32], shared_q[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { shared_p[warp] = p; shared_q[warp] = q; }
+    __syncthreads();
+    if (warp == 0) {
+        const int warps = blockDim.x >> 5;
+        p = lane < warps ? shared_p[lane] : (S)0;
+        q = lane < warps ? shared_q[lane] : (S)0;
+        for (int o = 16; o > 0; o >>= 1) {
+            p += __shfl_down_sync(0xffffffffu, p, o);
+            q += __shfl_down_sync(0xffffffffu, q, o);
+        }
+    }
+}
 """
 
 _ELEMENTWISE_SOURCE = r"""
@@ -183,60 +222,78 @@ extern "C" __global__ void bnarray_NAME_rows(ARGS, T* __restrict__ out, I channe
 }
 """
 
+# Short runs (inner < _LONG_RUN) in rows of at least 32 values: block (tile,
+# chunk) writes its tile of neighbouring columns of the (outer, C * inner) view
+# over rows [chunk * rows, (chunk + 1) * rows); each thread finds its channel
+# once, and its per-channel operands stay in registers.
+_ELEMENTWISE_COLUMNS_SOURCE = r"""
+extern "C" __global__ void bnarray_NAME_columns(ARGS, T* __restrict__ out, I outer, I width,
+                                      I inner, I rows) {
+    const I col = (I)blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= width) return;
+    const I c = col / inner;
+    const I first = (I)blockIdx.y * rows;
+    const I last = min(first + rows, outer);
+    #pragma unroll 4
+    for (I r = first + threadIdx.y; r < last; r += blockDim.y) {
+        const size_t i = (size_t)r * width + col;
+        store(out + i, (S)(EXPR));
+    }
+}
+"""
+
 # Σ p and Σ q over one channel's contiguous runs (inner > 1): block (row, chunk)
-# sums the chunk-th piece of row `row` = (o, c) of the (outer, C, inner) view.
+# sums the chunk-th piece of row `row` = (o, c) of the (outer, C, inner) view
+# and writes them to out[k] and out[half + k], k = (o, c, chunk).
 _ROWS_SOURCE = r"""
-extern "C" __global__ void bnarray_NAME_rows(ARGS, S* __restrict__ out_p, S* __restrict__ out_q,
-                                   I channels, I inner, I chunk) {
+extern "C" __global__ void bnarray_NAME_rows(ARGS, S* __restrict__ out, I channels, I inner,
+                                   I chunk) {
     const I row = blockIdx.x;
     const I c = row % channels;
     const I start = (I)blockIdx.y * chunk;
     const I stop = min(start + chunk, inner);
+    const S ref = REF;
+    const size_t base = (size_t)row * inner;
+    const I step = blockDim.x;
     S p = 0, q = 0;
-    #pragma unroll 4
-    for (I j = start + threadIdx.x; j < stop; j += blockDim.x) {
-        const size_t i = (size_t)row * inner + j;
+    I j = start + threadIdx.x;
+    for (; j + 7 * step < stop; j += 8 * step) {
+        EIGHT(base + j + K * step)
+    }
+    for (; j < stop; j += step) {
+        const size_t i = base + j;
         MAP
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        p += __shfl_down_sync(0xffffffffu, p, o);
-        q += __shfl_down_sync(0xffffffffu, q, o);
-    }
-    __shared__ S shared_p[32], shared_q[32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) { shared_p[warp] = p; shared_q[warp] = q; }
-    __syncthreads();
-    if (warp == 0) {
-        const int warps = blockDim.x >> 5;
-        p = lane < warps ? shared_p[lane] : (S)0;
-        q = lane < warps ? shared_q[lane] : (S)0;
-        for (int o = 16; o > 0; o >>= 1) {
-            p += __shfl_down_sync(0xffffffffu, p, o);
-            q += __shfl_down_sync(0xffffffffu, q, o);
-        }
-        if (lane == 0) {
-            const size_t k = (size_t)row * gridDim.y + blockIdx.y;
-            out_p[k] = p;
-            out_q[k] = q;
-        }
+    block_sums(p, q);
+    if (threadIdx.x == 0) {
+        const size_t k = (size_t)row * gridDim.y + blockIdx.y;
+        const size_t half = (size_t)gridDim.x * gridDim.y;
+        out[k] = p;
+        out[half + k] = q;
     }
 }
 """
 
 # Σ p and Σ q down the columns of the (outer, C * inner) view (inner small):
 # a warp reads 32 neighbouring columns of a row; block (tile, chunk) sums rows
-# [chunk * rows, (chunk + 1) * rows) of its 32 columns.
+# [chunk * rows, (chunk + 1) * rows) of its 32 columns and writes them to
+# out[k] and out[half + k], k = (chunk, column).
 _COLUMNS_SOURCE = r"""
-extern "C" __global__ void bnarray_NAME_columns(ARGS, S* __restrict__ out_p, S* __restrict__ out_q,
-                                      I outer, I width, I inner, I rows) {
+extern "C" __global__ void bnarray_NAME_columns(ARGS, S* __restrict__ out, I outer, I width,
+                                      I inner, I rows) {
     const I col = (I)blockIdx.x * 32 + threadIdx.x;
     const I first = (I)blockIdx.y * rows;
     const I last = min(first + rows, outer);
     S p = 0, q = 0;
     if (col < width) {
         const I c = col / inner;
-        #pragma unroll 4
-        for (I r = first + threadIdx.y; r < last; r += blockDim.y) {
+        const S ref = REF;
+        const I step = blockDim.y;
+        I r = first + threadIdx.y;
+        for (; r + 7 * step < last; r += 8 * step) {
+            EIGHT((size_t)(r + K * step) * width + col)
+        }
+        for (; r < last; r += step) {
             const size_t i = (size_t)r * width + col;
             MAP
         }
@@ -251,22 +308,56 @@ extern "C" __global__ void bnarray_NAME_columns(ARGS, S* __restrict__ out_p, S* 
             q += shared_q[t][threadIdx.x];
         }
         const size_t k = (size_t)blockIdx.y * width + col;
-        out_p[k] = p;
-        out_q[k] = q;
+        const size_t half = (size_t)gridDim.y * width;
+        out[k] = p;
+        out[half + k] = q;
     }
 }
 """
 
+# The per-channel totals of the partial sums above, which lie as (2, A, C, B)
+# (rows: A = outer, B = chunks; columns: A = chunks, B = inner): block c adds
+# channel c's A * B partials of p and of q, then finishes them (FINISH).
+_FINISH_SOURCE = r"""
+extern "C" __global__ void bnarray_NAME_finish(const S* __restrict__ part,
+        const T* __restrict__ x, I parts_a, I channels, I parts_b, I inner, S m,
+        S* __restrict__ out_p, S* __restrict__ out_q) {
+    const I c = blockIdx.x;
+    const I per_channel = parts_a * parts_b;
+    const size_t half = (size_t)parts_a * channels * parts_b;
+    S p = 0, q = 0;
+    for (I k = threadIdx.x; k < per_channel; k += blockDim.x) {
+        const size_t j = ((size_t)(k / parts_b) * channels + c) * parts_b + k % parts_b;
+        p += part[j];
+        q += part[half + j];
+    }
+    block_sums(p, q);
+    if (threadIdx.x == 0) {
+        FINISH
+    }
+}
+"""
+
+# (args, the per-channel reference `ref`, what each value adds to p and q,
+# how the totals become the outputs).
 _PAIR_MAPS = {
-    # d = x - shift: Σ d and Σ d².
+    # d = x - shift, with the channel's first value as shift: Σ d and Σ d²,
+    # finished into the mean and the biased variance over m values.
     "stats": (
-        "const T* __restrict__ x, const S* __restrict__ shift",
-        "{ const S d = (S)load(x[i]) - shift[c]; p += d; q += d * d; }",
+        "const T* __restrict__ x",
+        "(S)load(x[(size_t)c * inner])",
+        "{ const S d = (S)load(x[i]) - ref; p += d; q += d * d; }",
+        # `v < 0 ? 0 : v` rather than max(): a NaN variance stays NaN.
+        "const S d = p / m; const S v = q / m - d * d;"
+        " out_p[c] = (S)load(x[(size_t)c * inner]) + d;"
+        " out_q[c] = v < (S)0 ? (S)0 : v;",
     ),
     # Σ dy and Σ dy · (x - mean).
     "grad": (
         "const T* __restrict__ dy, const T* __restrict__ x, const S* __restrict__ mean",
-        "{ const S g = (S)load(dy[i]); p += g; q += g * ((S)load(x[i]) - mean[c]); }",
+        "mean[c]",
+        "{ const S g = (S)load(dy[i]); p += g; q += g * ((S)load(x[i]) - ref); }",
+        "out_p[c] = p; out_q[c] = q;",
     ),
 }
 
@@ -275,6 +366,11 @@ _ELEMENTWISE_EXPRS = {
         "const T* __restrict__ x, const S* __restrict__ mean, "
         "const S* __restrict__ scale, const S* __restrict__ shift",
         "((S)load(x[i]) - mean[c]) * scale[c] + shift[c]",
+    ),
+    # normalize without a shift (no bias), rounded as the generic path rounds it.
+    "normalize_scale": (
+        "const T* __restrict__ x, const S* __restrict__ mean, const S* __restrict__ scale",
+        "((S)load(x[i]) - mean[c]) * scale[c]",
     ),
     "grad_input": (
         "const T* __restrict__ dy, const T* __restrict__ x, const S* __restrict__ mean, "
@@ -289,33 +385,102 @@ _ELEMENTWISE_EXPRS = {
     ),
 }
 
+# The per-channel arithmetic of `_math`, one thread per channel, in one launch
+# where the generic path makes one per operation; the same roundings in the
+# same order (T is the running statistics' dtype in running_update).
+_CHANNEL_SOURCE = r"""
+extern "C" __global__ void bnarray_NAME(ARGS, I n) {
+    for (I c = (I)blockIdx.x * blockDim.x + threadIdx.x; c < n;
+         c += (I)blockDim.x * gridDim.x) {
+        BODY
+    }
+}
+"""
+
+_CHANNEL_BODIES = {
+    "forward_scales": (
+        "const S* __restrict__ var, const S* __restrict__ gamma, S eps, int affine, "
+        "S* __restrict__ invstd, S* __restrict__ scale",
+        "const S s = (S)1 / sqrt(var[c] + eps);"
+        " invstd[c] = s; scale[c] = affine ? s * gamma[c] : s;",
+    ),
+    "backward_scales": (
+        "const S* __restrict__ sum_dy, const S* __restrict__ sum_dy_xc, "
+        "const S* __restrict__ invstd, const S* __restrict__ gamma, S m, int affine, "
+        "int training, S* __restrict__ dweight, S* __restrict__ dy_scale, "
+        "S* __restrict__ xc_scale, S* __restrict__ shift",
+        "const S s = invstd[c]; const S g = affine ? s * gamma[c] : s;"
+        " const S dw = sum_dy_xc[c] * s; dweight[c] = dw; dy_scale[c] = g;"
+        " if (training) { xc_scale[c] = -g * s * dw / m; shift[c] = -g * sum_dy[c] / m; }",
+    ),
+    "running_update": (
+        "const T* __restrict__ running_mean, const T* __restrict__ running_var, "
+        "const S* __restrict__ mean, const S* __restrict__ var, T keep, T factor, "
+        "T bessel, T* __restrict__ new_mean, T* __restrict__ new_var",
+        "new_mean[c] = add_rn(mul_rn(keep, running_mean[c]), mul_rn(factor, (T)mean[c]));"
+        " new_var[c] = add_rn(mul_rn(keep, running_var[c]),"
+        " mul_rn(factor, mul_rn((T)var[c], bessel)));",
+    ),
+}
+
 _THREADS = 256
 # Runs of one channel at least this long are served one block per run.
 _LONG_RUN = 1024
+# Shorter runs in rows of at least this many values: one thread per column.
+_COLUMNS_MIN_WIDTH = 32
+
+
+# EIGHT(index of the K-th value) in the sum kernels: MAP for K = 0, ..., 7 in a
+# row, so that each thread has eight loads in flight and still adds the values
+# in the order of a plain loop.
+_EIGHT = re.compile(r"EIGHT\((.*)\)")
+
+
+def _eight(index: str, expr: str) -> str:
+    return " ".join(
+        f"{{ const size_t i = {index.replace('K', str(k))}; {expr} }}" for k in range(8)
+    )
+
+
+def _source(kind: str, name: str) -> tuple[str, str]:
+    """The CUDA source of a kernel, with ARGS still to fill in, and its name."""
+    if kind.startswith("elementwise"):
+        args, expr = _ELEMENTWISE_EXPRS[name]
+        template = {
+            "elementwise": _ELEMENTWISE_SOURCE,
+            "elementwise_rows": _ELEMENTWISE_ROWS_SOURCE,
+            "elementwise_columns": _ELEMENTWISE_COLUMNS_SOURCE,
+        }[kind]
+        body = template.replace("EXPR", expr)
+        func = "bnarray_NAME" + kind.removeprefix("elementwise")
+    elif kind == "channel":
+        args, expr = _CHANNEL_BODIES[name]
+        body = _CHANNEL_SOURCE.replace("BODY", expr)
+        func = "bnarray_NAME"
+    else:
+        args, ref, expr, finish = _PAIR_MAPS[name]
+        template = {
+            "rows": _ROWS_SOURCE,
+            "columns": _COLUMNS_SOURCE,
+            "finish": _FINISH_SOURCE,
+        }[kind]
+        body = template.replace("REF", ref).replace("FINISH", finish)
+        body = _EIGHT.sub(lambda m: _eight(m[1], expr), body).replace("MAP", expr)
+        if kind == "finish":
+            args = ""
+        func = f"bnarray_NAME_{kind}"
+    code = body.replace("NAME", name).replace("ARGS", args)
+    return code, func.replace("NAME", name)
 
 
 @cache
 def _raw_kernel(kind: str, name: str, dtype: str, compute: str, index: str) -> Any:
-    if kind == "elementwise":
-        args, expr = _ELEMENTWISE_EXPRS[name]
-        body = _ELEMENTWISE_SOURCE.replace("EXPR", expr)
-        func = f"bnarray_{name}"
-    elif kind == "elementwise_rows":
-        args, expr = _ELEMENTWISE_EXPRS[name]
-        body = _ELEMENTWISE_ROWS_SOURCE.replace("EXPR", expr)
-        func = f"bnarray_{name}_rows"
-    else:
-        args, expr = _PAIR_MAPS[name]
-        body = (_ROWS_SOURCE if kind == "rows" else _COLUMNS_SOURCE).replace(
-            "MAP", expr
-        )
-        func = f"bnarray_{name}_{kind}"
+    code, func = _source(kind, name)
     types = (
         f"typedef {_CTYPES[dtype]} T;\ntypedef {_CTYPES[compute]} S;\n"
         f"typedef {index} I;\n"
     )
-    code = types + _PRELUDE + body.replace("NAME", name).replace("ARGS", args)
-    return cupy.RawKernel(code, func)
+    return cupy.RawKernel(types + _PRELUDE + code, func)
 
 
 @cache
@@ -348,6 +513,9 @@ def _index_type(n: int) -> tuple[str, Any]:
 
 
 def _per_channel(a: Array, dtype: Any) -> Array:
+    """`a`'s values, contiguous and in `dtype` (kernels see a pointer only)."""
+    if a.dtype == dtype and a.flags.c_contiguous:
+        return a
     return cupy.ascontiguousarray(a.reshape(-1), dtype=dtype)
 
 
@@ -383,6 +551,22 @@ def _raw_elementwise(
             (_THREADS,),
             (*args, itype(channels), itype(inner), itype(chunk)),
         )
+    elif channels * inner >= _COLUMNS_MIN_WIDTH:
+        width = channels * inner
+        tx = min(_THREADS, 32 * -(-width // 32))
+        ty = _THREADS // tx
+        tiles = -(-width // tx)
+        chunks = min(max(1, -(-32 * sms // tiles)), -(-outer // ty), 65535)
+        rows = -(-outer // chunks)
+        chunks = -(-outer // rows)
+        kernel = _raw_kernel(
+            "elementwise_columns", name, like.dtype.char, compute.char, index
+        )
+        kernel(
+            (tiles, chunks),
+            (tx, ty),
+            (*args, itype(outer), itype(width), itype(inner), itype(rows)),
+        )
     else:
         kernel = _raw_kernel("elementwise", name, like.dtype.char, compute.char, index)
         blocks = min(-(-n // _THREADS), 32 * sms)
@@ -396,9 +580,11 @@ def _raw_pair_sums(
     full: tuple[Array, ...],
     channel: tuple[Array, ...],
 ) -> tuple[Array, Array]:
-    """Per-channel Σ p and Σ q, shape (C,), of a pair map over the (outer, C, inner) view.
+    """The two finished per-channel totals, shape (C,), of a pair map over the
+    (outer, C, inner) view (see `_PAIR_MAPS`).
 
-    Each block writes its partial sums; a second, small reduction adds them.
+    Each block writes its partial sums; a second kernel adds each channel's
+    and finishes them.
     """
     outer, channels, inner = view
     x = full[0]
@@ -413,12 +599,13 @@ def _raw_pair_sums(
         chunks = min(max(1, -(-target // rows)), max(1, inner // 1024), 65535)
         chunk = -(-inner // chunks)
         kernel = _raw_kernel("rows", name, x.dtype.char, compute.char, index)
-        out = cupy.empty((2, outer, channels, chunks), dtype=compute)
+        part = cupy.empty((2, outer, channels, chunks), dtype=compute)
         kernel(
             (rows, chunks),
             (_THREADS,),
-            (*args, out[0], out[1], itype(channels), itype(inner), itype(chunk)),
+            (*args, part, itype(channels), itype(inner), itype(chunk)),
         )
+        parts_a, parts_b = outer, chunks
     else:
         # Short runs: a warp reads 32 neighbouring values of a row of the
         # (outer, C * inner) view and each thread sums down its column.
@@ -428,23 +615,38 @@ def _raw_pair_sums(
         rows_per_chunk = -(-outer // chunks)
         chunks = -(-outer // rows_per_chunk)
         kernel = _raw_kernel("columns", name, x.dtype.char, compute.char, index)
-        out = cupy.empty((2, chunks, channels, inner), dtype=compute)
+        part = cupy.empty((2, chunks, channels, inner), dtype=compute)
         kernel(
             (tiles, chunks),
             (32, 8),
             (
                 *args,
-                out[0],
-                out[1],
+                part,
                 itype(outer),
                 itype(width),
                 itype(inner),
                 itype(rows_per_chunk),
             ),
         )
-    # (p, q) partial sums of each block: one small reduction adds both.
-    sums = out.sum(axis=(1, 3))
-    return sums[0], sums[1]
+        parts_a, parts_b = chunks, inner
+    out = cupy.empty((2, channels), dtype=compute)
+    finish = _raw_kernel("finish", name, x.dtype.char, compute.char, index)
+    finish(
+        (channels,),
+        (_THREADS,),
+        (
+            part,
+            x,
+            itype(parts_a),
+            itype(channels),
+            itype(parts_b),
+            itype(inner),
+            compute.type(outer * inner),
+            out[0],
+            out[1],
+        ),
+    )
+    return out[0], out[1]
 
 
 def _zeros(like: Array) -> Array:
@@ -461,17 +663,18 @@ def batch_stats(
     does when the mean is large against the spread.
     """
     dtype = _compute_dtype(x.dtype)
+    shape = tuple(1 if a in reduce_axes else n for a, n in enumerate(x.shape))
+    view = _view((x,), shape)
+    if view is not None:
+        # The kernels read each channel's shift from x itself.
+        mean, var = _raw_pair_sums("stats", view, (x,), ())
+        return mean.reshape(shape), var.reshape(shape)
     first = tuple(
         slice(0, 1) if a in reduce_axes else slice(None) for a in range(x.ndim)
     )
     shift = x[first].astype(dtype)
-    view = _view((x,), shift.shape)
-    if view is None:
-        kernel = _reductions(dtype.char)["shifted_sums"]
-        s1, s2 = _pair_sums(kernel, (x, shift), reduce_axes)
-    else:
-        s1, s2 = _raw_pair_sums("stats", view, (x,), (shift,))
-        s1, s2 = s1.reshape(shift.shape), s2.reshape(shift.shape)
+    kernel = _reductions(dtype.char)["shifted_sums"]
+    s1, s2 = _pair_sums(kernel, (x, shift), reduce_axes)
     m = dtype.type(x.size // shift.size)
     mean, var = _elementwise()["moments"](s1, s2, shift, m)
     return mean, var
@@ -481,14 +684,13 @@ def normalize(
     x: Array, mean: Array, scale: Array, shift: Array | None, *, xp: Namespace
 ) -> Array:
     """``(x - mean) * scale + shift``: see :func:`bnarray._math.normalize`."""
-    shift = _zeros(mean) if shift is None else shift
     view = _view((x,), mean.shape)
     if view is None:
+        shift = _zeros(mean) if shift is None else shift
         return _elementwise()["normalize"](x, mean, scale, shift)
-    channel = (mean, scale, shift)
-    return _raw_elementwise(
-        "normalize", view, (x,), tuple(_full(a, mean) for a in channel)
-    )
+    name = "normalize" if shift is not None else "normalize_scale"
+    channel = (mean, scale) if shift is None else (mean, scale, shift)
+    return _raw_elementwise(name, view, (x,), tuple(_full(a, mean) for a in channel))
 
 
 def grad_sums(
@@ -533,3 +735,108 @@ def grad_input(
     return _raw_elementwise(
         "grad_input", view, (dy, x), tuple(_full(a, mean) for a in channel)
     )
+
+
+def _channel_kernel(
+    name: str, dtype: Any, compute: Any, n: int, args: tuple[Any, ...]
+) -> None:
+    """Launch a `_CHANNEL_BODIES` kernel over `n` channels."""
+    index, itype = _index_type(n)
+    kernel = _raw_kernel("channel", name, dtype.char, compute.char, index)
+    blocks = min(-(-n // _THREADS), 65535)
+    kernel((blocks,), (_THREADS,), (*args, itype(n)))
+
+
+def forward_scales(
+    var: Array, gamma: Array | None, eps: float, *, xp: Namespace
+) -> tuple[Array, Array]:
+    """``invstd`` and ``scale``, in one launch: see :func:`bnarray._math.forward_scales`."""
+    if var.size == 0:
+        return _math.forward_scales(var, gamma, eps, xp=xp)
+    dtype = var.dtype
+    flat = _per_channel(var, dtype)
+    out = cupy.empty((2, var.size), dtype=dtype)
+    args = (
+        flat,
+        flat if gamma is None else _per_channel(gamma, dtype),
+        dtype.type(eps),
+        numpy.int32(gamma is not None),
+        out[0],
+        out[1],
+    )
+    _channel_kernel("forward_scales", dtype, dtype, var.size, args)
+    return out[0].reshape(var.shape), out[1].reshape(var.shape)
+
+
+def backward_scales(
+    sum_dy: Array,
+    sum_dy_xc: Array,
+    invstd: Array,
+    gamma: Array | None,
+    count: int,
+    *,
+    training: bool,
+    xp: Namespace,
+) -> tuple[Array, Array, Array | None, Array | None]:
+    """The operands of the backward pass, in one launch: see
+    :func:`bnarray._math.backward_scales`."""
+    if invstd.size == 0:
+        return _math.backward_scales(
+            sum_dy, sum_dy_xc, invstd, gamma, count, training=training, xp=xp
+        )
+    dtype = invstd.dtype
+    s = _per_channel(invstd, dtype)
+    out = cupy.empty((4, invstd.size), dtype=dtype)
+    args = (
+        _per_channel(sum_dy, dtype),
+        _per_channel(sum_dy_xc, dtype),
+        s,
+        s if gamma is None else _per_channel(gamma, dtype),
+        dtype.type(count),
+        numpy.int32(gamma is not None),
+        numpy.int32(training),
+        *out,
+    )
+    _channel_kernel("backward_scales", dtype, dtype, invstd.size, args)
+    dweight, dy_scale, xc_scale, shift = (a.reshape(invstd.shape) for a in out)
+    if not training:
+        return dweight, dy_scale, None, None
+    return dweight, dy_scale, xc_scale, shift
+
+
+def running_update(
+    running_mean: Array,
+    running_var: Array,
+    mean: Array,
+    var: Array,
+    *,
+    factor: float,
+    bessel: float,
+    xp: Namespace,
+) -> tuple[Array, Array]:
+    """The new running statistics, in one launch: see
+    :func:`bnarray._math.running_update`.
+
+    float16 running statistics (rounded after every operation by the generic
+    path) and running statistics of two dtypes take the generic path.
+    """
+    dtype = running_mean.dtype
+    if running_var.dtype != dtype or dtype.char not in "fd" or mean.size == 0:
+        return _math.running_update(
+            running_mean, running_var, mean, var, factor=factor, bessel=bessel, xp=xp
+        )
+    new_mean = cupy.empty(running_mean.shape, dtype=dtype)
+    new_var = cupy.empty(running_var.shape, dtype=dtype)
+    args = (
+        _per_channel(running_mean, dtype),
+        _per_channel(running_var, dtype),
+        _per_channel(mean, mean.dtype),
+        _per_channel(var, var.dtype),
+        dtype.type(1.0 - factor),
+        dtype.type(factor),
+        dtype.type(bessel),
+        new_mean,
+        new_var,
+    )
+    _channel_kernel("running_update", dtype, mean.dtype, mean.size, args)
+    return new_mean, new_var

@@ -1,6 +1,6 @@
 """NumPy kernels compiled with Numba: fused loops (used when Numba is installed).
 
-The same four kernels as ``_numpy``, over the same (A, C, B) views, blocks and
+The same four full-size kernels as ``_numpy``, over the same (A, C, B) views, blocks and
 threads; only the work on a block differs. Each kernel has two loops: the
 blocks loops for channels-first layouts with long rows, and the rows loops
 for channels-last layouts and small images (see `_layout`). Where ``_numpy``
@@ -28,10 +28,21 @@ from numba.extending import intrinsic, overload
 
 from .. import _math
 from .._compat import Array, Namespace
+from .._math import backward_scales, forward_scales, running_update
 from . import _numpy
 from ._numpy import _channel_shape, _view3
 
-__all__ = ["batch_stats", "grad_input", "grad_sums", "normalize"]
+# The per-channel arithmetic (backward_scales, forward_scales, running_update)
+# has nothing to gain on the CPU: the generic one serves.
+__all__ = [
+    "backward_scales",
+    "batch_stats",
+    "forward_scales",
+    "grad_input",
+    "grad_sums",
+    "normalize",
+    "running_update",
+]
 
 
 @intrinsic

@@ -1,4 +1,4 @@
-"""NumPy kernels: cache-blocked, multi-threaded versions of the four generic kernels."""
+"""NumPy kernels: cache-blocked, multi-threaded versions of the four generic full-size kernels."""
 
 from __future__ import annotations
 
@@ -14,8 +14,19 @@ import numpy as np
 
 from .. import _math
 from .._compat import Array, Namespace
+from .._math import backward_scales, forward_scales, running_update
 
-__all__ = ["batch_stats", "grad_input", "grad_sums", "normalize"]
+# The per-channel arithmetic (backward_scales, forward_scales, running_update)
+# has nothing to gain on the CPU: the generic one serves.
+__all__ = [
+    "backward_scales",
+    "batch_stats",
+    "forward_scales",
+    "grad_input",
+    "grad_sums",
+    "normalize",
+    "running_update",
+]
 
 # Elements per block. A block of x, its float32/float64 scratch copy and the
 # matching block of dy or y stay within a 1 MiB L2 cache, so every pass after
