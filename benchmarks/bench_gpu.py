@@ -176,12 +176,17 @@ def markdown_table(data: dict[str, Any]) -> str:
     ]
     for row in data["results"]:
         torch_us = row["torch_us"]
+        generic_us = row.get("generic_us")
+        generic = (
+            "– | –"
+            if generic_us is None
+            else f"{generic_us:.0f} | {generic_us / torch_us:.2f}"
+        )
         lines.append(
             f"| {'×'.join(map(str, row['shape']))} | {row['layout']} | {row['dtype']} "
             f"| {row['op']} | {torch_us:.0f} | {row['bnarray_us']:.0f} "
             f"| {row['bnarray_us'] / torch_us:.2f} "
-            f"| {100 * row['roof_us'] / row['bnarray_us']:.0f} "
-            f"| {row['generic_us']:.0f} | {row['generic_us'] / torch_us:.2f} |"
+            f"| {100 * row['roof_us'] / row['bnarray_us']:.0f} | {generic} |"
         )
     return "\n".join(lines)
 
@@ -197,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="first shape, float32")
+    parser.add_argument(
+        "--no-generic", action="store_true", help="skip the generic path (slow)"
+    )
     args = parser.parse_args(argv)
     if args.table is not None:
         print(markdown_table(json.loads(args.table.read_text())))
@@ -271,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
                     "generic": {k: generic(f) for k, f in fns.items()},
                     "torch": torch_case(x, dy, axis),
                 }
+                impls = [i for i in IMPLS if not (args.no_generic and i == "generic")]
                 agreement = check_agreement(x, axis)
                 calls = max(3, min(50, int(2e9 / x.nbytes)))
                 for op in OPS:
@@ -283,20 +292,21 @@ def main(argv: list[str] | None = None) -> None:
                         "roof_us": 1e6 * TRAFFIC[op] * x.nbytes / bandwidth,
                         "max_diff_vs_torch_fwd": agreement,
                     }
-                    for impl in IMPLS:
+                    row["generic_us"] = None
+                    for impl in impls:
                         t = time_per_call(
                             cases[impl][op], calls=calls, trials=args.trials
                         )
                         row[f"{impl}_us"] = 1e6 * t
                     results.append(row)
                     r_bn = row["bnarray_us"] / row["torch_us"]
-                    r_gen = row["generic_us"] / row["torch_us"]
                     roof = 100 * row["roof_us"] / row["bnarray_us"]
+                    generic_us = row["generic_us"] or float("nan")
                     print(
                         f"{'x'.join(map(str, nchw)):<18}{layout:<7}{dtype:<8}{op:<8}"
                         f"{row['torch_us']:9.0f}{row['bnarray_us']:11.0f}{r_bn:8.2f}"
-                        f"{roof:7.0f}{row['generic_us']:11.0f}{r_gen:8.2f}"
-                        f"{row['roof_us']:8.0f}",
+                        f"{roof:7.0f}{generic_us:11.0f}"
+                        f"{generic_us / row['torch_us']:8.2f}{row['roof_us']:8.0f}",
                         flush=True,
                     )
                     # Written after every row: a run cut short keeps what it measured.
