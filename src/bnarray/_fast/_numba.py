@@ -448,8 +448,14 @@ def _channel_values(
     each value repeated `r` times; for the rows loops, repeated to a stretch."""
     if v is None:
         return None
-    v = np.repeat(np.ravel(np.asarray(v, dtype=dtype)), r)
-    return np.tile(v, _stretch_rows(xs.shape[1])) if xs.shape[2] == 1 else v
+    v = np.asarray(v, dtype=dtype).reshape(-1)
+    rows = _stretch_rows(xs.shape[1]) if xs.shape[2] == 1 else 1
+    if rows == r == 1:
+        return np.ascontiguousarray(v)  # the loops only read it
+    # One broadcast copy (per-call overhead matters on small arrays).
+    out = np.empty((rows, v.size, r), dtype=dtype)
+    out[...] = v[:, None]
+    return out.reshape(-1)
 
 
 @functools.lru_cache(maxsize=64)
