@@ -9,6 +9,14 @@ module that has nothing faster for one re-exports it from here); this module
 is the reference they are tested against. Per-channel arrays (``mean``,
 ``scale``, ...) arrive in the broadcast shape (size 1 along the reduced axes)
 and in the compute dtype, except where a docstring says otherwise.
+
+The full-size kernels update the arrays they create in place (``y *= scale``
+rather than ``y = y * scale``; where arrays are immutable, as in JAX, Python
+rebinds the name instead), never their inputs: each holds at most one
+full-size temporary beside its output, two in ``batch_stats``. Each new array
+costs more than its pass over memory where the allocator hands back fresh
+pages (NumPy's arrays of tens of MB, through glibc). The order of the roundings
+is that of the plain expressions, which the fast paths match bit for bit.
 """
 
 from __future__ import annotations
@@ -55,6 +63,8 @@ def batch_stats(
     mean0 = xp.mean(xc, axis=reduce_axes, keepdims=True)
     centered = xc - mean0
     delta = xp.mean(centered, axis=reduce_axes, keepdims=True)
+    # A new array for the squares: squaring `centered` in place would break
+    # PyTorch's autograd, which keeps the factors of a product.
     var = xp.mean(centered * centered, axis=reduce_axes, keepdims=True) - delta * delta
     # Rounding can leave a constant channel's variance a hair below zero.
     return mean0 + delta, xp.maximum(var, xp.zeros_like(var))
@@ -68,9 +78,10 @@ def normalize(
     Subtracting the mean first (rather than folding it into the shift) keeps
     inputs with a large mean exact to the last bits of their spread.
     """
-    y = (_upcast(x, xp) - mean) * scale
+    y = _upcast(x, xp) - mean  # a new array: the in-place updates below are ours
+    y *= scale
     if shift is not None:
-        y = y + shift
+        y += shift
     return xp.astype(y, x.dtype, copy=False)
 
 
@@ -80,8 +91,9 @@ def grad_sums(
     """Per-channel ``Σ dy`` and ``Σ dy · (x - mean)``."""
     dyc = _upcast(dy, xp)
     sum_dy = xp.sum(dyc, axis=reduce_axes, keepdims=True)
-    sum_dy_xc = xp.sum(dyc * (_upcast(x, xp) - mean), axis=reduce_axes, keepdims=True)
-    return sum_dy, sum_dy_xc
+    products = _upcast(x, xp) - mean
+    products *= dyc
+    return sum_dy, xp.sum(products, axis=reduce_axes, keepdims=True)
 
 
 def grad_input(
@@ -100,9 +112,11 @@ def grad_input(
     """
     dx = _upcast(dy, xp) * dy_scale
     if xc_scale is not None:
-        dx = dx + (_upcast(x, xp) - mean) * xc_scale
+        term = _upcast(x, xp) - mean
+        term *= xc_scale
+        dx += term
     if shift is not None:
-        dx = dx + shift
+        dx += shift
     return xp.astype(dx, x.dtype, copy=False)
 
 
