@@ -33,6 +33,7 @@ LAYOUTS = [
     ((129, 11, 3), -1),
     ((3, 37, 41, 43), 1),
     ((3, 41, 43, 37), -1),
+    ((3, 41, 43, 38), -1),
     ((3, 37, 41, 43), -3),
     ((2, 5, 7, 9, 11), 1),
     ((2, 7, 9, 11, 5), -1),
@@ -514,6 +515,39 @@ def test_cupy_fast_path_matches_generic_path_on_views(monkeypatch, view, trainin
         {k: cupy.asnumpy(v) for k, v in fast.items()},
         {k: cupy.asnumpy(v) for k, v in generic.items()},
         np.float32,
+    )
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("training", [True, False])
+def test_cupy_float16_channels_last_with_and_without_two_values_per_thread(
+    monkeypatch, offset, training
+):
+    # An even number of channels: aligned arrays take two float16 values per
+    # thread (one 32-bit access); arrays that start one value into their
+    # memory (contiguous, but 2-byte aligned) take one.
+    cupy = _cupy()
+    from bnarray._fast import _cupy as kernels
+
+    x, dy, w, b, rm, rv = _inputs((5, 7, 9, 38), -1, np.float16)
+
+    def device(a):
+        flat = cupy.asarray(np.concatenate([a.reshape(-1)[:1], a.reshape(-1)]))
+        return flat[1 - offset : 1 - offset + a.size].reshape(a.shape)
+
+    x, dy = device(x), device(dy)
+    w, b, rm, rv = (cupy.asarray(a) for a in (w, b, rm, rv))
+    assert x.flags.c_contiguous and dy.flags.c_contiguous
+    view = (5 * 7 * 9, 38, 1)
+    assert kernels._two_per_thread(view, (x, dy)) == (offset == 0)
+    monkeypatch.delenv(FORCE_GENERIC_ENV, raising=False)
+    fast = _run(x, dy, w, b, rm, rv, axis=-1, training=training)
+    monkeypatch.setenv(FORCE_GENERIC_ENV, "1")
+    generic = _run(x, dy, w, b, rm, rv, axis=-1, training=training)
+    _assert_matches(
+        {k: cupy.asnumpy(v) for k, v in fast.items()},
+        {k: cupy.asnumpy(v) for k, v in generic.items()},
+        np.float16,
     )
 
 

@@ -160,9 +160,12 @@ __device__ __forceinline__ float load(unsigned short h) {
 }
 __device__ __forceinline__ float load(float v) { return v; }
 __device__ __forceinline__ double load(double v) { return v; }
-__device__ __forceinline__ void store(unsigned short* p, float v) {
-    unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); *p = h;
+__device__ __forceinline__ unsigned short half_bits(float v) {
+    unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); return h;
 }
+__device__ __forceinline__ void store(unsigned short* p, float v) { *p = half_bits(v); }
+// Two neighbouring float16 values, loaded and stored as one 32-bit word.
+struct __align__(4) bits2 { unsigned short h[2]; };
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 
@@ -242,6 +245,29 @@ extern "C" __global__ void bnarray_NAME_columns(ARGS, T* __restrict__ out, I out
 }
 """
 
+# The same for float16 channels last (inner 1, an even number of channels),
+# two neighbouring columns per thread: the loads and stores of both are one
+# 32-bit access (LOADS; EXPR0 and EXPR1 are EXPR for columns c and c + 1).
+_ELEMENTWISE_COLUMNS2_SOURCE = r"""
+extern "C" __global__ void bnarray_NAME_columns2(ARGS, T* __restrict__ out, I outer, I width,
+                                       I inner, I rows) {
+    const I col = 2 * ((I)blockIdx.x * blockDim.x + threadIdx.x);
+    if (col >= width) return;
+    const I c = col;
+    const I first = (I)blockIdx.y * rows;
+    const I last = min(first + rows, outer);
+    #pragma unroll 4
+    for (I r = first + threadIdx.y; r < last; r += blockDim.y) {
+        const size_t i = (size_t)r * width + col;
+        LOADS
+        bits2 v;
+        v.h[0] = half_bits((S)(EXPR0));
+        v.h[1] = half_bits((S)(EXPR1));
+        *(bits2*)(out + i) = v;
+    }
+}
+"""
+
 # Σ p and Σ q over one channel's contiguous runs (inner > 1): block (row, chunk)
 # sums the chunk-th piece of row `row` = (o, c) of the (outer, C, inner) view
 # and writes them to out[k] and out[half + k], k = (o, c, chunk).
@@ -311,6 +337,52 @@ extern "C" __global__ void bnarray_NAME_columns(ARGS, S* __restrict__ out, I out
         const size_t half = (size_t)gridDim.y * width;
         out[k] = p;
         out[half + k] = q;
+    }
+}
+"""
+
+# The same for float16 channels last (inner 1, an even number of channels),
+# two neighbouring columns per thread (see _ELEMENTWISE_COLUMNS2_SOURCE): each
+# column gets the sums, in the order, of the kernel above.
+_COLUMNS2_SOURCE = r"""
+extern "C" __global__ void bnarray_NAME_columns2(ARGS, S* __restrict__ out, I outer, I width,
+                                       I inner, I rows) {
+    const I col = 2 * ((I)blockIdx.x * 32 + threadIdx.x);
+    const I first = (I)blockIdx.y * rows;
+    const I last = min(first + rows, outer);
+    S p0 = 0, q0 = 0, p1 = 0, q1 = 0;
+    if (col < width) {
+        const I c = col;
+        const S ref0 = REF0, ref1 = REF1;
+        const I step = blockDim.y;
+        I r = first + threadIdx.y;
+        for (; r + 7 * step < last; r += 8 * step) {
+            EIGHT((size_t)(r + K * step) * width + col)
+        }
+        for (; r < last; r += step) {
+            const size_t i = (size_t)r * width + col;
+            MAP
+        }
+    }
+    __shared__ S shared[4][8][33];
+    shared[0][threadIdx.y][threadIdx.x] = p0;
+    shared[1][threadIdx.y][threadIdx.x] = q0;
+    shared[2][threadIdx.y][threadIdx.x] = p1;
+    shared[3][threadIdx.y][threadIdx.x] = q1;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < width) {
+        for (int t = 1; t < blockDim.y; ++t) {
+            p0 += shared[0][t][threadIdx.x];
+            q0 += shared[1][t][threadIdx.x];
+            p1 += shared[2][t][threadIdx.x];
+            q1 += shared[3][t][threadIdx.x];
+        }
+        const size_t k = (size_t)blockIdx.y * width + col;
+        const size_t half = (size_t)gridDim.y * width;
+        out[k] = p0;
+        out[k + 1] = p1;
+        out[half + k] = q0;
+        out[half + k + 1] = q1;
     }
 }
 """
@@ -442,9 +514,36 @@ def _eight(index: str, expr: str) -> str:
     )
 
 
+# A full-size array's value in an expression: load(NAME[i]).
+_FULL_LOAD = re.compile(r"load\((\w+)\[i\]\)")
+
+
+def _two_columns(expr: str) -> tuple[str, str, str]:
+    """`expr` for columns ``c`` and ``c + 1`` of the two-column kernels: one
+    32-bit load of each full-size array, then `expr` once per column, with
+    its own channel, reference and sums."""
+    names = dict.fromkeys(_FULL_LOAD.findall(expr))
+    loads = " ".join(f"const bits2 {n}2 = *(const bits2*)({n} + i);" for n in names)
+    lanes = []
+    for k in (0, 1):
+        lane = _FULL_LOAD.sub(rf"load(\g<1>2.h[{k}])", expr)
+        lane = re.sub(r"\bc\b", f"(c + {k})", lane)
+        lanes.append(re.sub(r"\b(p|q|ref)\b", rf"\g<1>{k}", lane))
+    return loads, lanes[0], lanes[1]
+
+
 def _source(kind: str, name: str) -> tuple[str, str]:
     """The CUDA source of a kernel, with ARGS still to fill in, and its name."""
-    if kind.startswith("elementwise"):
+    if kind == "elementwise_columns2":
+        args, expr = _ELEMENTWISE_EXPRS[name]
+        loads, expr0, expr1 = _two_columns(expr)
+        body = (
+            _ELEMENTWISE_COLUMNS2_SOURCE.replace("LOADS", loads)
+            .replace("EXPR0", expr0)
+            .replace("EXPR1", expr1)
+        )
+        func = "bnarray_NAME_columns2"
+    elif kind.startswith("elementwise"):
         args, expr = _ELEMENTWISE_EXPRS[name]
         template = {
             "elementwise": _ELEMENTWISE_SOURCE,
@@ -462,8 +561,14 @@ def _source(kind: str, name: str) -> tuple[str, str]:
         template = {
             "rows": _ROWS_SOURCE,
             "columns": _COLUMNS_SOURCE,
+            "columns2": _COLUMNS2_SOURCE,
             "finish": _FINISH_SOURCE,
         }[kind]
+        if kind == "columns2":
+            loads, expr0, expr1 = _two_columns(expr)
+            expr = f"{loads} {expr0} {expr1}"
+            _, ref0, ref1 = _two_columns(ref)
+            template = template.replace("REF0", ref0).replace("REF1", ref1)
         body = template.replace("REF", ref).replace("FINISH", finish)
         body = _EIGHT.sub(lambda m: _eight(m[1], expr), body).replace("MAP", expr)
         if kind == "finish":
@@ -524,6 +629,20 @@ def _full(a: Array, like: Array) -> Array:
     return a if a.shape == like.shape else cupy.broadcast_to(a, like.shape)
 
 
+def _two_per_thread(view: tuple[int, int, int], full: tuple[Array, ...]) -> bool:
+    """Whether the columns kernels can take two values per thread (see
+    `_ELEMENTWISE_COLUMNS2_SOURCE`): float16 channels last with an even number
+    of channels, every full-size array aligned to 4 bytes (a view can start
+    between two values)."""
+    _, channels, inner = view
+    return (
+        full[0].dtype.char == "e"
+        and inner == 1
+        and channels % 2 == 0
+        and all(a.data.ptr % 4 == 0 for a in full)
+    )
+
+
 def _raw_elementwise(
     name: str,
     view: tuple[int, int, int],
@@ -553,15 +672,16 @@ def _raw_elementwise(
         )
     elif channels * inner >= _COLUMNS_MIN_WIDTH:
         width = channels * inner
-        tx = min(_THREADS, 32 * -(-width // 32))
+        two = _two_per_thread(view, full)
+        threads = width // 2 if two else width  # one per column or pair of columns
+        tx = min(_THREADS, 32 * -(-threads // 32))
         ty = _THREADS // tx
-        tiles = -(-width // tx)
+        tiles = -(-threads // tx)
         chunks = min(max(1, -(-32 * sms // tiles)), -(-outer // ty), 65535)
         rows = -(-outer // chunks)
         chunks = -(-outer // rows)
-        kernel = _raw_kernel(
-            "elementwise_columns", name, like.dtype.char, compute.char, index
-        )
+        kind = "elementwise_columns2" if two else "elementwise_columns"
+        kernel = _raw_kernel(kind, name, like.dtype.char, compute.char, index)
         kernel(
             (tiles, chunks),
             (tx, ty),
@@ -609,12 +729,16 @@ def _raw_pair_sums(
     else:
         # Short runs: a warp reads 32 neighbouring values of a row of the
         # (outer, C * inner) view and each thread sums down its column.
+        # Two columns per thread for float16 channels last (see
+        # `_two_per_thread`).
         width = channels * inner
-        tiles = -(-width // 32)
+        two = _two_per_thread(view, full)
+        tiles = -(-(width // 2 if two else width) // 32)
         chunks = min(max(1, -(-target // tiles)), max(1, outer // 64), 65535)
         rows_per_chunk = -(-outer // chunks)
         chunks = -(-outer // rows_per_chunk)
-        kernel = _raw_kernel("columns", name, x.dtype.char, compute.char, index)
+        kind = "columns2" if two else "columns"
+        kernel = _raw_kernel(kind, name, x.dtype.char, compute.char, index)
         part = cupy.empty((2, chunks, channels, inner), dtype=compute)
         kernel(
             (tiles, chunks),
