@@ -532,8 +532,10 @@ def test_cupy_float16_channels_last_with_and_without_two_values_per_thread(
     x, dy, w, b, rm, rv = _inputs((5, 7, 9, 38), -1, np.float16)
 
     def device(a):
-        flat = cupy.asarray(np.concatenate([a.reshape(-1)[:1], a.reshape(-1)]))
-        return flat[1 - offset : 1 - offset + a.size].reshape(a.shape)
+        memory = cupy.empty(a.size + 1, dtype=a.dtype)  # aligned
+        view = memory[offset : offset + a.size].reshape(a.shape)
+        view[...] = cupy.asarray(a)
+        return view
 
     x, dy = device(x), device(dy)
     w, b, rm, rv = (cupy.asarray(a) for a in (w, b, rm, rv))
