@@ -17,6 +17,9 @@ full-size temporary beside its output, two in ``batch_stats``. Each new array
 costs more than its pass over memory where the allocator hands back fresh
 pages (NumPy's arrays of tens of MB, through glibc). The order of the roundings
 is that of the plain expressions, which the fast paths match bit for bit.
+A 16-bit input meets a per-channel operand in the compute dtype, so array
+operations promote it value by value (``x - mean`` is float32 for float16
+`x`), without a full-size float32 copy first; only the reductions take one.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def normalize(
     Subtracting the mean first (rather than folding it into the shift) keeps
     inputs with a large mean exact to the last bits of their spread.
     """
-    y = _upcast(x, xp) - mean  # a new array: the in-place updates below are ours
+    y = x - mean  # a new array, in the compute dtype: the in-place updates are ours
     y *= scale
     if shift is not None:
         y += shift
@@ -91,7 +94,7 @@ def grad_sums(
     """Per-channel ``Σ dy`` and ``Σ dy · (x - mean)``."""
     dyc = _upcast(dy, xp)
     sum_dy = xp.sum(dyc, axis=reduce_axes, keepdims=True)
-    products = _upcast(x, xp) - mean
+    products = x - mean
     products *= dyc
     return sum_dy, xp.sum(products, axis=reduce_axes, keepdims=True)
 
@@ -110,9 +113,9 @@ def grad_input(
 
     With `xc_scale` and `shift` None (inference) this is ``dy * dy_scale``.
     """
-    dx = _upcast(dy, xp) * dy_scale
+    dx = dy * dy_scale
     if xc_scale is not None:
-        term = _upcast(x, xp) - mean
+        term = x - mean
         term *= xc_scale
         dx += term
     if shift is not None:
