@@ -65,6 +65,7 @@ def batch_stats(
     xc = _upcast(x, xp)
     mean0 = xp.mean(xc, axis=reduce_axes, keepdims=True)
     centered = xc - mean0
+    del xc  # for a 16-bit x, a float32 copy no longer needed
     delta = xp.mean(centered, axis=reduce_axes, keepdims=True)
     # A new array for the squares: squaring `centered` in place would break
     # PyTorch's autograd, which keeps the factors of a product.
