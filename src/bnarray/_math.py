@@ -12,8 +12,9 @@ and in the compute dtype, except where a docstring says otherwise.
 
 The full-size kernels update the arrays they create in place (``y *= scale``
 rather than ``y = y * scale``; where arrays are immutable, as in JAX, Python
-rebinds the name instead), never their inputs: each holds at most one
-full-size temporary beside its output, two in ``batch_stats``. Each new array
+rebinds the name instead), never their inputs: for float32 and float64 each
+holds at most one full-size temporary beside its output, two in
+``batch_stats``. Each new array
 costs more than its pass over memory where the allocator hands back fresh
 pages (NumPy's arrays of tens of MB, through glibc). The order of the roundings
 is that of the plain expressions, which the fast paths match bit for bit.

@@ -342,8 +342,8 @@ extern "C" __global__ void bnarray_NAME_columns(ARGS, S* __restrict__ out, I out
 """
 
 # The same for float16 channels last (inner 1, an even number of channels),
-# two neighbouring columns per thread (see _ELEMENTWISE_COLUMNS2_SOURCE): each
-# column gets the sums, in the order, of the kernel above.
+# two neighbouring columns per thread (see _ELEMENTWISE_COLUMNS2_SOURCE): a
+# thread sums each of its columns as a thread above sums its one.
 _COLUMNS2_SOURCE = r"""
 extern "C" __global__ void bnarray_NAME_columns2(ARGS, S* __restrict__ out, I outer, I width,
                                        I inner, I rows) {
