@@ -435,21 +435,40 @@ def _bits(a: np.ndarray) -> np.ndarray:
 # inner loops are long however few channels there are.
 _STRETCH = 512
 
+# The elementwise rows loops (normalize, grad_input) take shorter stretches of
+# float32 values. Measured on 16, 32 and 64 channels last (26 MB, 2 threads,
+# inputs in main memory, 2026-11-26): 64 rather than 512 made normalize
+# 15-22 % faster and grad_input 0-11 %; in float16, 64 was 5-15 % slower than
+# 128 to 512, which did not differ; in float64, and for the reductions, the
+# length made no difference.
+_MAP_STRETCH_FLOAT32 = 64
 
-def _stretch_rows(c: int) -> int:
-    """Rows of `c` values in a stretch (see `_STRETCH`)."""
-    return max(1, _STRETCH // c)
+
+def _map_stretch(dtype: np.dtype) -> int:
+    """The stretch of the elementwise rows loops over values of `dtype`."""
+    return _MAP_STRETCH_FLOAT32 if dtype == np.float32 else _STRETCH
+
+
+def _stretch_rows(c: int, stretch: int = _STRETCH) -> int:
+    """Rows of `c` values in a stretch of `stretch` values (see `_STRETCH`)."""
+    return max(1, stretch // c)
 
 
 def _channel_values(
-    v: Array | None, xs: np.ndarray, r: int, dtype: np.dtype
+    v: Array | None,
+    xs: np.ndarray,
+    r: int,
+    dtype: np.dtype,
+    *,
+    stretch: int = _STRETCH,
 ) -> np.ndarray | None:
     """A per-channel array as the loops over `xs` take it (see `_layout`): 1-D,
-    each value repeated `r` times; for the rows loops, repeated to a stretch."""
+    each value repeated `r` times; for the rows loops, repeated to a stretch
+    of `stretch` values (the loops take the stretch from its length)."""
     if v is None:
         return None
     v = np.asarray(v, dtype=dtype).reshape(-1)
-    rows = _stretch_rows(xs.shape[1]) if xs.shape[2] == 1 else 1
+    rows = _stretch_rows(xs.shape[1], stretch) if xs.shape[2] == 1 else 1
     if rows == r == 1:
         return np.ascontiguousarray(v)  # the loops only read it
     # One broadcast copy (per-call overhead matters on small arrays).
@@ -539,7 +558,10 @@ def normalize(
     dtype = np.dtype(mean.dtype)
     y = np.empty_like(x)
     xs, r, loop = _layout(x3, _normalize_blocks, _normalize_rows)
-    values = [_channel_values(v, xs, r, dtype) for v in (mean, scale, shift)]
+    stretch = _map_stretch(x.dtype)
+    values = [
+        _channel_values(v, xs, r, dtype, stretch=stretch) for v in (mean, scale, shift)
+    ]
     _in_parallel(loop, xs.shape, _bits(xs), *values, _bits(y.reshape(xs.shape)))
     return y
 
@@ -594,8 +616,10 @@ def grad_input(
     dx = np.empty_like(x)
     xs, r, loop = _layout(x3, _grad_input_blocks, _grad_input_rows)
     dyb, xb, dxb = (_bits(a.reshape(xs.shape)) for a in (dy3, x3, dx))
+    stretch = _map_stretch(x.dtype)
     values = [
-        _channel_values(v, xs, r, dtype) for v in (mean, dy_scale, xc_scale, shift)
+        _channel_values(v, xs, r, dtype, stretch=stretch)
+        for v in (mean, dy_scale, xc_scale, shift)
     ]
     _in_parallel(loop, xs.shape, dyb, xb, *values, dxb)
     return dx
