@@ -20,7 +20,10 @@ with ``BNARRAY_GENERIC=1``) and PyTorch's ``F.batch_norm`` with autograd
 NHWC). The roof is the time the memory traffic of an
 operation would take at the bandwidth of a large NumPy copy: the training
 forward reads x twice and writes y, the backward reads x and dy twice and
-writes dx, inference reads x and writes y. "Extra memory" is the peak of
+writes dx, inference reads x and writes y. The floor is measured: the
+time of the same calls made of the least any implementation must do (each
+input read once, each output written once into a new array; see
+`floor_case`). "Extra memory" is the peak of
 NumPy allocations during the call beyond its outputs (traced with
 :mod:`tracemalloc`; not available for PyTorch).
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import itertools
 import json
 import os
 import platform
@@ -38,6 +42,7 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +199,46 @@ def torch_case(
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd, "infer": infer}
 
 
+def floor_case(
+    x: np.ndarray, dy: np.ndarray, pool: ThreadPoolExecutor, threads: int
+) -> dict[str, Callable[[], Any]]:
+    """The least any implementation must do: each input read once, each output
+    written once into a new array, no arithmetic.
+
+    The forward copies `x` into a new `y`; the backward writes a new `dx`
+    from one read of `x` and `dy` (their bits or-ed, an integer ufunc that
+    runs at memory speed in every dtype). The arrays are split into as many
+    parts as there are threads, each part on its own thread (NumPy releases
+    the GIL for both ufuncs). A batch normalization that keeps nothing between
+    calls must read `x` again between its statistics and its normalization
+    (and `x` and `dy` in the backward), so it can approach this time only
+    where the second read finds the data in a cache.
+    """
+    bits = np.dtype(f"u{x.itemsize}")
+
+    def parts(*arrays: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+        flat = [a.reshape(-1).view(bits) for a in arrays]
+        edges = np.linspace(0, flat[0].size, threads + 1).astype(int)
+        return [tuple(a[i:j] for a in flat) for i, j in itertools.pairwise(edges)]
+
+    def forward() -> np.ndarray:
+        y = np.empty_like(x)
+        list(pool.map(lambda p: np.copyto(p[1], p[0]), parts(x, y)))
+        return y
+
+    def backward() -> np.ndarray:
+        dx = np.empty_like(dy)
+        list(pool.map(lambda p: np.bitwise_or(p[0], p[1], out=p[2]), parts(x, dy, dx)))
+        return dx
+
+    return {
+        "fwd": lambda: (forward(),),
+        "bwd": lambda: (backward(),),
+        "fwd+bwd": lambda: (forward(), backward()),
+        "infer": lambda: (forward(),),
+    }
+
+
 def with_env(fn: Callable[[], Any], name: str, value: str) -> Callable[[], Any]:
     """`fn` run with the environment variable `name` set to `value`."""
 
@@ -258,6 +303,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     results = []
     rng = np.random.default_rng(0)
+    pool = ThreadPoolExecutor(threads)
     for nchw in shapes:
         for layout, axis in LAYOUTS.items():
             shape = nchw if axis == 1 else (nchw[0], nchw[2], nchw[3], nchw[1])
@@ -272,6 +318,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     cases["generic"] = {k: generic(f) for k, f in fns.items()}
                 if torch is not None:
                     cases["torch"] = torch_case(torch, x, dy, axis)
+                cases["floor"] = floor_case(x, dy, pool, threads)
                 for op in OPS:
                     row: dict[str, Any] = {
                         "shape": list(nchw),
@@ -292,6 +339,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             row[f"{impl}_extra_mb"] = extra_memory(ops[impl]) / 1e6
                     results.append(row)
                     print_row(row, header=len(results) == 1)
+    pool.shutdown()
     return {
         "date": datetime.date.today().isoformat(),
         "machine": {
@@ -317,6 +365,7 @@ COLUMNS = (
     f"{'bnarray ms':>11}{'x torch':>8}{'% roof':>7}{'extra MB':>9}"
     f"{'numpy ms':>10}{'x torch':>8}"
     f"{'generic ms':>11}{'x torch':>8}{'extra MB':>9}{'roof ms':>8}"
+    f"{'floor ms':>9}{'x torch':>8}"
 )
 
 
@@ -344,7 +393,8 @@ def print_row(row: dict[str, Any], *, header: bool) -> None:
         f"{fmt(ratio(row, 'numpy') if 'numpy_ms' in row else None, '.2f'):>8}"
         f"{fmt(row.get('generic_ms'), '.2f'):>11}"
         f"{fmt(ratio(row, 'generic') if 'generic_ms' in row else None, '.2f'):>8}"
-        f"{fmt(row.get('generic_extra_mb'), '.1f'):>9}{row['roof_ms']:>8.2f}",
+        f"{fmt(row.get('generic_extra_mb'), '.1f'):>9}{row['roof_ms']:>8.2f}"
+        f"{row['floor_ms']:>9.2f}{fmt(ratio(row, 'floor'), '.2f'):>8}",
         flush=True,
     )
 
@@ -355,6 +405,7 @@ def summarize(data: dict[str, Any]) -> None:
     for dtype in sorted({r["dtype"] for r in data["results"]}, reverse=True):
         rows = [r for r in data["results"] if r["dtype"] == dtype]
         checks = []
+        unreachable: list[tuple[dict[str, Any], float]] = []
         for impl in ("bnarray", "numpy"):
             if f"{impl}_ms" not in rows[0]:
                 continue
@@ -374,6 +425,14 @@ def summarize(data: dict[str, Any]) -> None:
                             worst <= limit,
                         )
                     )
+                    if impl == "bnarray":
+                        unreachable.extend(
+                            (r, limit)
+                            for r in rows
+                            if r["layout"] == layout
+                            and r["op"] == "fwd+bwd"
+                            and (ratio(r, "floor") or 0.0) > limit
+                        )
             big = [r for r in rows if r["input_mb"] > 100 and r["op"] == "fwd+bwd"]
             if big:
                 roof = min(100 * r["roof_ms"] / r[f"{impl}_ms"] for r in big)
@@ -387,6 +446,13 @@ def summarize(data: dict[str, Any]) -> None:
             checks.append(("generic path <= 2.5x torch", generic, generic <= 2.5))
         for name, value, ok in checks:
             print(f"  {dtype:<8} {name:<50} {value:7.2f}  {'met' if ok else 'NOT met'}")
+        for r, limit in unreachable:
+            shape = "x".join(map(str, r["shape"]))
+            print(
+                f"  {dtype:<8} {shape} {r['layout']}: {limit}x torch is "
+                f"{limit * r['torch_ms']:.2f} ms, below the floor "
+                f"({r['floor_ms']:.2f} ms, {ratio(r, 'floor'):.2f}x torch)"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
