@@ -55,6 +55,17 @@ def plot(data: dict, out: Path) -> None:
         ax.scatter(
             roof, list(ys), marker="|", s=120, color="k", label="copy roof", zorder=3
         )
+        if "floor_ms" in rows[0]:
+            floor = [by_case[c]["floor_ms"] / by_case[c]["torch_ms"] for c in cases]
+            ax.scatter(
+                floor,
+                list(ys),
+                marker="x",
+                s=30,
+                color="C3",
+                label="floor (measured)",
+                zorder=3,
+            )
         ax.axvline(1.0, color="C3", lw=1)
         ax.set_title(op)
         ax.set_xscale("log")
@@ -78,12 +89,15 @@ def plot(data: dict, out: Path) -> None:
 def markdown_table(data: dict) -> str:
     """The results as a Markdown table, for docs/benchmarks.md."""
     numpy = "numpy_ms" in data["results"][0]
+    floor = "floor_ms" in data["results"][0]
     lines = [
         "| shape | layout | dtype | op | PyTorch ms | bnarray ms | × PyTorch | % of roof "
         "| extra MB |"
+        + (" floor × PyTorch |" if floor else "")
         + (" without Numba ms | × PyTorch |" if numpy else "")
         + " generic ms | × PyTorch |",
         "|---|---|---|---|--:|--:|--:|--:|--:|"
+        + ("--:|" if floor else "")
         + ("--:|--:|" if numpy else "")
         + "--:|--:|",
     ]
@@ -93,6 +107,7 @@ def markdown_table(data: dict) -> str:
             f"| {'×'.join(map(str, r['shape']))} | {r['layout']} | {r['dtype']} | {r['op']} "
             f"| {torch_ms:.1f} | {r['bnarray_ms']:.1f} | {r['bnarray_ms'] / torch_ms:.2f} "
             f"| {100 * r['roof_ms'] / r['bnarray_ms']:.0f} | {r['bnarray_extra_mb']:.1f} "
+            + (f"| {r['floor_ms'] / torch_ms:.2f} " if floor else "")
             + (
                 f"| {r['numpy_ms']:.1f} | {r['numpy_ms'] / torch_ms:.2f} "
                 if numpy
