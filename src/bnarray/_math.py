@@ -25,6 +25,8 @@ operations promote it value by value (``x - mean`` is float32 for float16
 
 from __future__ import annotations
 
+import math
+
 from ._compat import Array, Namespace
 
 __all__ = [
@@ -53,6 +55,46 @@ def _upcast(a: Array, xp: Namespace) -> Array:
     return xp.astype(a, compute_dtype(a.dtype, xp), copy=False)
 
 
+# The most terms any running sum of `_sum` adds. Summed one after another, m
+# float32 terms carry a rounding error of up to m·2⁻²⁴ of their magnitude, and
+# backends do add some reductions one term at a time (NumPy along an axis that
+# is not the innermost of the loop, Dask on such chunks): 2¹⁰ terms keep a
+# sum within 2⁻¹⁴ ≈ 6·10⁻⁵ of exact per level, whatever the summation order.
+_SUM_TERMS = 1024
+
+
+def _sum(a: Array, reduce_axes: tuple[int, ...], *, xp: Namespace) -> Array:
+    """Sum over `reduce_axes` (keepdims) with no running sum of over `_SUM_TERMS` terms.
+
+    One axis at a time, the innermost first; an axis longer than `_SUM_TERMS`
+    is summed in blocks of `_SUM_TERMS` (a reshape that splits the axis: a
+    view, never a copy) whose sums are then summed the same way. Only the
+    first sum reads the full-size array.
+    """
+    for axis in sorted(reduce_axes, reverse=True):
+        a = _sum_axis(a, axis, xp)
+    return a
+
+
+def _sum_axis(a: Array, axis: int, xp: Namespace) -> Array:
+    n = a.shape[axis]
+    if n <= _SUM_TERMS:
+        return xp.sum(a, axis=axis, keepdims=True)
+    blocks = n // _SUM_TERMS
+    head = (slice(None),) * axis
+    split = (*a.shape[:axis], blocks, _SUM_TERMS, *a.shape[axis + 1 :])
+    body = xp.reshape(a[(*head, slice(0, blocks * _SUM_TERMS), ...)], split)
+    total = _sum_axis(xp.sum(body, axis=axis + 1), axis, xp)
+    if blocks * _SUM_TERMS < n:
+        tail = a[(*head, slice(blocks * _SUM_TERMS, n), ...)]
+        total = total + xp.sum(tail, axis=axis, keepdims=True)
+    return total
+
+
+def _count(x: Array, reduce_axes: tuple[int, ...]) -> float:
+    return float(math.prod(int(x.shape[a]) for a in reduce_axes))
+
+
 def batch_stats(
     x: Array, reduce_axes: tuple[int, ...], *, xp: Namespace
 ) -> tuple[Array, Array]:
@@ -62,15 +104,19 @@ def batch_stats(
     would cancel catastrophically when the mean is large against the spread.
     The mean of the deviations, δ, corrects the rounding error of the first
     pass (Chan, Golub & LeVeque 1983): mean = mean₀ + δ, var = mean(c²) − δ².
+    Every sum is blocked (see `_sum`): the correction cannot recover a first
+    pass that is off by many standard deviations, as a float32 sum of a
+    million values added one at a time is.
     """
     xc = _upcast(x, xp)
-    mean0 = xp.mean(xc, axis=reduce_axes, keepdims=True)
+    m = _count(x, reduce_axes)
+    mean0 = _sum(xc, reduce_axes, xp=xp) / m
     centered = xc - mean0
     del xc  # for a 16-bit x, a float32 copy no longer needed
-    delta = xp.mean(centered, axis=reduce_axes, keepdims=True)
+    delta = _sum(centered, reduce_axes, xp=xp) / m
     # A new array for the squares: squaring `centered` in place would break
     # PyTorch's autograd, which keeps the factors of a product.
-    var = xp.mean(centered * centered, axis=reduce_axes, keepdims=True) - delta * delta
+    var = _sum(centered * centered, reduce_axes, xp=xp) / m - delta * delta
     # Rounding can leave a constant channel's variance a hair below zero.
     return mean0 + delta, xp.maximum(var, xp.zeros_like(var))
 
@@ -95,10 +141,10 @@ def grad_sums(
 ) -> tuple[Array, Array]:
     """Per-channel ``Σ dy`` and ``Σ dy · (x - mean)``."""
     dyc = _upcast(dy, xp)
-    sum_dy = xp.sum(dyc, axis=reduce_axes, keepdims=True)
+    sum_dy = _sum(dyc, reduce_axes, xp=xp)
     products = x - mean
     products *= dyc
-    return sum_dy, xp.sum(products, axis=reduce_axes, keepdims=True)
+    return sum_dy, _sum(products, reduce_axes, xp=xp)
 
 
 def grad_input(

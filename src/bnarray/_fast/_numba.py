@@ -556,7 +556,7 @@ def normalize(
     if x3 is None:
         return _math.normalize(x, mean, scale, shift, xp=xp)
     dtype = np.dtype(mean.dtype)
-    y = np.empty_like(x)
+    y = np.empty(x.shape, dtype=x.dtype)  # C-contiguous, as the loops write it
     xs, r, loop = _layout(x3, _normalize_blocks, _normalize_rows)
     stretch = _map_stretch(x.dtype)
     values = [
@@ -613,7 +613,7 @@ def grad_input(
         zero = np.zeros(c, dtype=dtype)
         xc_scale = zero if xc_scale is None else xc_scale
         shift = zero if shift is None else shift
-    dx = np.empty_like(x)
+    dx = np.empty(x.shape, dtype=x.dtype)  # C-contiguous, as the loops write it
     xs, r, loop = _layout(x3, _grad_input_blocks, _grad_input_rows)
     dyb, xb, dxb = (_bits(a.reshape(xs.shape)) for a in (dy3, x3, dx))
     stretch = _map_stretch(x.dtype)

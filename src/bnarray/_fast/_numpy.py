@@ -77,26 +77,25 @@ def _executor() -> ThreadPoolExecutor:
 
 
 def _view3(x: np.ndarray, channel_shape: tuple[int, ...]) -> np.ndarray | None:
-    """`x` as an (A, C, B) view with the channels in the middle, or None.
+    """`x` as a C-contiguous (A, C, B) array with the channels in the middle, or None.
 
-    `channel_shape` is the broadcast shape of a per-channel array. The view
-    exists when `x` is C-contiguous and its channel axes are adjacent: NCHW
-    (axis=1) gives (N, C, H·W), NHWC (axis=-1) gives (N·H·W, C, 1). Other
-    layouts go to the generic kernels.
+    `channel_shape` is the broadcast shape of a per-channel array. NCHW
+    (axis=1) gives (N, C, H·W), NHWC (axis=-1) gives (N·H·W, C, 1): a view of a
+    C-contiguous `x`, else of a C-contiguous copy (a column slice, a reversed,
+    transposed or broadcast view; one more read and write of `x`, never a
+    write into it). None, for the generic kernels, where the channel axes are
+    not adjacent or `x` is empty or of a byte order or dtype the loops do not
+    take.
     """
-    if (
-        x.dtype not in _FLOATS
-        or not x.flags.c_contiguous
-        or len(channel_shape) != x.ndim
-        or x.size == 0
-    ):
+    if x.dtype not in _FLOATS or len(channel_shape) != x.ndim or x.size == 0:
         return None
     kept = [a for a, n in enumerate(channel_shape) if n != 1]
+    if kept and kept[-1] + 1 - kept[0] != len(kept):
+        return None
+    x = np.ascontiguousarray(x)  # `x` itself where it is C-contiguous already
     if not kept:
         return x.reshape(1, 1, x.size)
     first, last = kept[0], kept[-1] + 1
-    if last - first != len(kept):
-        return None
     a = math.prod(x.shape[:first])
     c = math.prod(x.shape[first:last])
     return x.reshape(a, c, x.size // (a * c))
@@ -311,17 +310,36 @@ def _dots(d: np.ndarray, e: np.ndarray, ones: np.ndarray) -> np.ndarray:
     return sums
 
 
-def _shift(x3: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Per-channel shifts for one-pass statistics of an (A, C, B) array.
+# Values per channel in the sample that `_shift` takes its reference value from.
+_SAMPLE_ROWS = 8
+_SAMPLE_COLUMNS = 8
 
-    The mean of up to 64 first values of each channel: within a few standard
-    deviations of the channel's mean, so that E[d²] − E[d]² of the deviations
-    d = x − shift does not cancel the way E[x²] − E[x]² does.
+
+def _shift(x3: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Per-channel reference values for one-pass statistics of an (A, C, B) array.
+
+    The median of up to 64 values of each channel, spread over the whole
+    array: within about a standard deviation of the channel's mean, so that
+    E[d²] − E[d]² of the deviations d = x − shift does not cancel the way
+    E[x²] − E[x]² does. A median, not a mean, and a spread sample, not the
+    first values: one far sample (a first image far from the rest) moves it
+    little.
     """
-    a, _, b = x3.shape
-    sample = x3[: max(1, min(a, 64 // b)), :, : min(b, 64)]
-    shift: np.ndarray = sample.mean(axis=(0, 2), dtype=np.float64).astype(dtype)
+    a, c, b = x3.shape
+    if b == 1:
+        rows = _spread(a, _SAMPLE_ROWS * _SAMPLE_COLUMNS)
+        sample = x3[rows, :, 0]  # (samples, C)
+    else:
+        rows, columns = _spread(a, _SAMPLE_ROWS), _spread(b, _SAMPLE_COLUMNS)
+        sample = x3[rows][:, :, columns].transpose(0, 2, 1).reshape(-1, c)
+    k = (sample.shape[0] - 1) // 2  # the lower median: one partition, no mean
+    shift: np.ndarray = np.partition(sample, k, axis=0)[k].astype(dtype)
     return shift
+
+
+def _spread(n: int, k: int) -> np.ndarray:
+    """Up to `k` indices spread evenly over ``range(n)``, first and last included."""
+    return np.unique(np.linspace(0, n - 1, min(n, k)).astype(np.intp))
 
 
 def _stats_from_sums(
@@ -387,7 +405,7 @@ def normalize(
     mean3 = _per_channel(mean, x3.shape, dtype)
     scale3 = _per_channel(scale, x3.shape, dtype)
     shift3 = None if shift is None else _per_channel(shift, x3.shape, dtype)
-    y = np.empty_like(x)
+    y = np.empty(x.shape, dtype=x.dtype)  # C-contiguous, whatever the layout of x
     y3 = y.reshape(x3.shape)
     direct = x.dtype == dtype  # else compute in a float32 scratch block
 
@@ -466,7 +484,7 @@ def grad_input(
     dy_scale3 = _per_channel(dy_scale, x3.shape, dtype)
     xc_scale3 = None if xc_scale is None else _per_channel(xc_scale, x3.shape, dtype)
     shift3 = None if shift is None else _per_channel(shift, x3.shape, dtype)
-    dx = np.empty_like(x)
+    dx = np.empty(x.shape, dtype=x.dtype)  # C-contiguous, whatever the layout of x
     dx3 = dx.reshape(x3.shape)
     direct = x.dtype == dtype
 
