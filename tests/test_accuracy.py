@@ -253,3 +253,56 @@ def test_the_bounds_catch_a_one_pass_variance():
         np.mean(a * a, axis=0, dtype=np.float32) - np.mean(a, axis=0) ** 2
     ).astype(np.float64)
     assert np.max(np.abs(one_pass - exact) / exact) > 100 * _bounds(1e4)["var"]
+
+
+# At the edges of the float32 range.
+
+
+def test_tiny_values_with_eps_zero_give_a_finite_accurate_gradient(backend):
+    """var ≈ 10⁻³⁴ and eps = 0: invstd ≈ 10¹⁷, and invstd² times Σ dy·x̂ ≈ m
+    would overflow float32; the true dx (≈ 10¹⁷) fits, and so does every
+    intermediate. (Smaller values have subnormal squares, which some backends
+    flush to zero.)"""
+    rng = np.random.default_rng(11)
+    z = rng.standard_normal((1 << 16, 3))
+    x_np = (1e-17 * z).astype(np.float32)
+    dy_np = (z + rng.standard_normal(z.shape)).astype(np.float32)  # Σ dy·x̂ ≈ m
+    x, dy = backend.asarray(x_np), backend.asarray(dy_np)
+    _, ctx = bn.batch_norm_forward(x, eps=0.0)
+    dx, dweight, dbias = bn.batch_norm_backward(dy, ctx)
+    dx_ref, dweight_ref, dbias_ref = reference.backward(dy_np, x_np, eps=0.0)
+    dx_np = backend.to_numpy(dx).astype(np.float64)
+    assert np.all(np.isfinite(dx_np))
+    assert np.max(np.abs(dx_np - dx_ref)) <= 1e-4 * np.max(np.abs(dx_ref))
+    np.testing.assert_allclose(backend.to_numpy(dweight), dweight_ref, rtol=1e-4)
+    np.testing.assert_allclose(backend.to_numpy(dbias), dbias_ref, rtol=1e-5)
+
+
+# NumPy warns of ∞ − ∞, as it should.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_nan_and_inf_poison_only_their_own_channel(backend):
+    """A NaN or an infinity in one channel makes that channel's statistics, y and
+    gradients NaN; the other channels come out as without it."""
+    rng = np.random.default_rng(12)
+    x_np = rng.normal(3.0, 2.0, (64, 4)).astype(np.float32)
+    dy_np = rng.standard_normal((64, 4)).astype(np.float32)
+    x_np[5, 1] = np.nan
+    x_np[9, 2] = np.inf
+    y, ctx = bn.batch_norm_forward(backend.asarray(x_np))
+    dx, dweight, dbias = bn.batch_norm_backward(backend.asarray(dy_np), ctx)
+    clean = [0, 3]
+    y_ref, mean_ref, var_ref = reference.forward(x_np[:, clean])
+    dx_ref, dweight_ref, _ = reference.backward(dy_np[:, clean], x_np[:, clean])
+    y, dx = backend.to_numpy(y), backend.to_numpy(dx)
+    mean, var = backend.to_numpy(ctx.mean), backend.to_numpy(ctx.var)
+    dweight = backend.to_numpy(dweight)
+    for bad in (1, 2):
+        assert np.isnan(var[bad]) and np.all(np.isnan(y[:, bad]))
+        assert np.all(np.isnan(dx[:, bad])) and np.isnan(dweight[bad])
+    np.testing.assert_allclose(mean[clean], mean_ref, rtol=1e-6)
+    np.testing.assert_allclose(var[clean], var_ref, rtol=1e-5)
+    np.testing.assert_allclose(y[:, clean], y_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dx[:, clean], dx_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dweight[clean], dweight_ref, rtol=1e-4, atol=1e-4)
+    # Σ dy does not involve x: every channel keeps it.
+    np.testing.assert_allclose(backend.to_numpy(dbias), dy_np.sum(axis=0), rtol=1e-5)

@@ -201,16 +201,19 @@ def backward_scales(
 
     Returns ``dweight = Σ dy · (x - mean) · invstd``, ``dy_scale = γ · invstd``
     and, in training (where the mean and variance depend on `x`), over
-    m = `count` values per channel, ``xc_scale = -dy_scale · invstd · dweight / m``
-    and ``shift = -dy_scale · Σ dy / m``; in inference those two are None.
+    m = `count` values per channel, ``xc_scale = -dy_scale · (dweight / m) · invstd``
+    and ``shift = -dy_scale · (Σ dy / m)``; in inference those two are None.
     """
     dy_scale = invstd if gamma is None else invstd * gamma
     dweight = sum_dy_xc * invstd
     if not training:
         return dweight, dy_scale, None, None
     m = float(count)
-    xc_scale = -dy_scale * invstd * dweight / m
-    shift = -dy_scale * sum_dy / m
+    # Means before products: γ·invstd·(dweight/m)·invstd stays finite for every
+    # variance of normal magnitude even with eps = 0, where dy_scale·invstd·dweight
+    # (invstd³ times a sum) overflows float32 once var < 1e-26 or so.
+    xc_scale = -dy_scale * (dweight / m) * invstd
+    shift = -dy_scale * (sum_dy / m)
     return dweight, dy_scale, xc_scale, shift
 
 

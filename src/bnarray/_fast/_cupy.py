@@ -483,7 +483,7 @@ _CHANNEL_BODIES = {
         "S* __restrict__ xc_scale, S* __restrict__ shift",
         "const S s = invstd[c]; const S g = affine ? s * gamma[c] : s;"
         " const S dw = sum_dy_xc[c] * s; dweight[c] = dw; dy_scale[c] = g;"
-        " if (training) { xc_scale[c] = -g * s * dw / m; shift[c] = -g * sum_dy[c] / m; }",
+        " if (training) { xc_scale[c] = -g * (dw / m) * s; shift[c] = -g * (sum_dy[c] / m); }",
     ),
     "running_update": (
         "const T* __restrict__ running_mean, const T* __restrict__ running_var, "
