@@ -324,12 +324,22 @@ def chance_prediction_accuracy(data: Digits) -> float:
 # -------------------------------------------------------------------- experiments
 
 
+def _progress(total: int, desc: str) -> tqdm:
+    """A progress bar on a terminal; one line per experiment in a log file."""
+    # disable=None turns the bar off when stderr is not a terminal, where its
+    # carriage returns would fill a log with thousands of partial lines.
+    bar = tqdm(total=total, desc=desc, unit="step", disable=None, mininterval=0.5)
+    if bar.disable:
+        print(f"{desc}: {total} training steps", file=sys.stderr, flush=True)
+    return bar
+
+
 def lr_sweep(data: Digits, budget: Budget, seed: int) -> tuple[list[dict], dict]:
     """With and without batch norm at several learning rates, batch 60."""
     configs = [(lr, bn_) for lr in budget.learning_rates for bn_ in (False, True)]
     total = len(configs) * budget.seeds * budget.lr_steps
     rows, curves = [], {}
-    with tqdm(total=total, desc="1/3 learning rates", unit="step") as progress:
+    with _progress(total, "1/3 learning rates") as progress:
         for lr, batch_norm in configs:
             progress.set_postfix(lr=lr, batch_norm=batch_norm)
             runs = [
@@ -378,7 +388,7 @@ def batch_size_sweep(data: Digits, budget: Budget, seed: int) -> tuple[list, lis
     steps_for = {b: budget.epochs * (n // b) for b in budget.batch_sizes}
     total = 2 * budget.seeds * sum(steps_for.values())
     rows: dict[bool, list[dict]] = {True: [], False: []}
-    with tqdm(total=total, desc="2/3 batch sizes", unit="step") as progress:
+    with _progress(total, "2/3 batch sizes") as progress:
         for batch_size in budget.batch_sizes:
             lr = budget.base_lr * batch_size / REFERENCE_BATCH
             for batch_norm in (True, False):
@@ -418,9 +428,7 @@ def batch_size_sweep(data: Digits, budget: Budget, seed: int) -> tuple[list, lis
 
 def eval_modes(data: Digits, budget: Budget, seed: int) -> dict:
     """One network trained with batch 60, evaluated several ways."""
-    with tqdm(
-        total=budget.lr_steps, desc="3/3 test-time modes", unit="step"
-    ) as progress:
+    with _progress(budget.lr_steps, "3/3 test-time modes") as progress:
         run = train(
             data,
             batch_norm=True,
@@ -479,48 +487,60 @@ def eval_modes(data: Digits, budget: Budget, seed: int) -> dict:
 
 def plot_lr_sweep(curves: dict, budget: Budget, path: Path) -> None:
     lrs = budget.learning_rates
-    fig, axes = plt.subplots(2, len(lrs), figsize=(3.2 * len(lrs), 6), squeeze=False)
+    fig, axes = plt.subplots(
+        2, len(lrs), figsize=(3.2 * len(lrs), 6.6), squeeze=False, layout="constrained"
+    )
+    styles = ((False, "tab:gray", "without batch norm"), (True, "tab:blue", "with"))
+    n = budget.seeds
     for col, lr in enumerate(lrs):
         ax = axes[0, col]
-        for batch_norm, color in ((False, "tab:gray"), (True, "tab:blue")):
+        for batch_norm, color, label in styles:
             runs = curves[(lr, batch_norm)]
-            for i, r in enumerate(runs):
-                ax.plot(
-                    r.steps,
-                    r.test_accuracy,
-                    color=color,
-                    alpha=0.9 if i == 0 else 0.35,
-                    label=("with batch norm" if batch_norm else "without")
-                    if i == 0
-                    else None,
-                )
+            if n > 1:
+                for r in runs:
+                    ax.plot(r.steps, r.test_accuracy, color=color, alpha=0.3, lw=0.8)
+            mean = np.mean([r.test_accuracy for r in runs], axis=0)
+            ax.plot(runs[0].steps, mean, color=color, lw=2, label=label)
         ax.set_title(f"learning rate {lr:g}")
         ax.set_ylim(0, 1)
         ax.set_xlabel("training steps")
         ax.grid(alpha=0.3)
         if col == 0:
-            ax.set_ylabel("test accuracy")
-            ax.legend(loc="lower right")
+            what = f"mean of {n} seeds" if n > 1 else "one seed"
+            ax.set_ylabel(f"test accuracy\n({what})")
         ax = axes[1, col]
-        for batch_norm, color in ((False, "tab:gray"), (True, "tab:blue")):
+        for batch_norm, color, _ in styles:
             r = curves[(lr, batch_norm)][0]
             p = np.array(r.sigmoid_input_percentiles)
-            ax.plot(r.steps, p[:, 1], color=color)
+            ax.plot(r.steps, p[:, 1], color=color, lw=1.5)
             ax.fill_between(r.steps, p[:, 0], p[:, 2], color=color, alpha=0.25)
         ax.set_xlabel("training steps")
         ax.grid(alpha=0.3)
         if col == 0:
-            ax.set_ylabel("input to one last-layer sigmoid\n(15th, 50th, 85th pct.)")
+            ax.set_ylabel(
+                "input to one last-layer sigmoid\n(median, 15-85 % band; first seed)"
+            )
+    handles = [
+        plt.Line2D([], [], color="tab:blue", lw=2, label="with batch norm"),
+        plt.Line2D([], [], color="tab:gray", lw=2, label="without batch norm"),
+    ]
+    if n > 1:
+        handles.append(
+            plt.Line2D(
+                [], [], color="k", lw=0.8, alpha=0.3, label="single seeds (top row)"
+            )
+        )
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
     fig.suptitle(
-        "3x100 sigmoid MLP, batch 60, digits: with (blue) and without (gray) batch norm"
+        "3x100 sigmoid MLP, batch 60, digits: test accuracy (top) and the input"
+        " to one sigmoid (bottom)"
     )
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_batch_sizes(with_bn: list, without: list, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7, 4.8), layout="constrained")
     sizes = [r["batch_size"] for r in with_bn]
     for rows, key, style, color, label in (
         (with_bn, "test_accuracy", "o-", "tab:blue", "batch norm (running averages)"),
@@ -546,14 +566,13 @@ def plot_batch_sizes(with_bn: list, without: list, path: Path) -> None:
     ax.set_ylabel("final test accuracy")
     ax.set_title("3x100 sigmoid MLP, digits: mean of seeds (line), each seed (dots)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
+    fig.legend(loc="outside lower center", ncols=2, fontsize="small")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_eval_modes(results: dict, path: Path) -> None:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
     bars = {
         "running averages\n(whole test set)": results["running_stats"],
         "running averages\n(one image at a time)": results[
@@ -597,8 +616,7 @@ def plot_eval_modes(results: dict, path: Path) -> None:
     right.set_ylabel("test accuracy")
     right.set_title("batch statistics need a batch; size 1 is an error", fontsize=10)
     right.grid(alpha=0.3)
-    right.legend(loc="lower right")
-    fig.tight_layout()
+    fig.legend(loc="outside lower center", ncols=2, fontsize="small")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -21,16 +21,28 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+def quick_process(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess[str], Path]:
     out = tmp_path_factory.mktemp("demo")
     # A subprocess keeps the demo's own warnings (matplotlib, tqdm) out of this
-    # session's warnings-as-errors filter, and runs it the way users do.
-    subprocess.run(
+    # session's warnings-as-errors filter, and runs it the way users do; its
+    # output goes to pipes, as when a log is written.
+    done = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
         check=True,
         timeout=90,
         capture_output=True,
+        text=True,
     )
+    return done, out
+
+
+@pytest.fixture(scope="module")
+def quick_run(
+    quick_process: tuple[subprocess.CompletedProcess[str], Path],
+) -> tuple[dict, Path]:
+    _, out = quick_process
     return json.loads((out / "results.json").read_text()), out
 
 
@@ -98,3 +110,13 @@ def test_plots_are_written(quick_run: tuple[dict, Path]) -> None:
         png = out / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert png.stat().st_size > 10_000
+
+
+def test_progress_bars_stay_out_of_a_log(
+    quick_process: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    # Off a terminal the bars are off: no carriage returns, one line per experiment.
+    done, _ = quick_process
+    assert "\r" not in done.stderr
+    assert len(done.stderr.splitlines()) <= 10
+    assert "1/3 learning rates" in done.stderr
