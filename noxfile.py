@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import nox
 
 nox.options.default_venv_backend = "venv"
+# Environments are reused between runs: a session that installs something in
+# one step and relies on its absence in another must remove it first
+# (see tests-oldest), and tools are pinned so that an old environment and a
+# fresh clone run the same versions.
 nox.options.reuse_venv = "yes"
 nox.options.error_on_external_run = True
 
@@ -16,16 +21,35 @@ PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 TORCH = "torch==2.13.0"
 # The floor of the `dependencies` in pyproject.toml, tested by `tests-oldest`,
 # and of the optional Numba.
-OLDEST = ["numpy==1.26.0", "array-api-compat==1.13.0"]
-OLDEST_NUMBA = "numba==0.60.0"
+OLDEST = {"numpy": "1.26.0", "array-api-compat": "1.13.0"}
+OLDEST_NUMBA = {"numba": "0.60.0"}
+LINTERS = ["ruff==0.17.6", "mypy==2.4.1"]
 
 
 def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in {"", "0", "false", "no"}
 
 
+def _pins(versions: dict[str, str | None]) -> list[str]:
+    return [f"{name}=={v}" if v else name for name, v in versions.items()]
+
+
 def _pytest(session: nox.Session, backends: str, *args: str) -> None:
     session.run("pytest", f"--backends={backends}", *args, *session.posargs)
+
+
+def _require_installed(session: nox.Session, versions: dict[str, str | None]) -> None:
+    """Fail unless each distribution is installed at that version (``None``: absent)."""
+    check = (
+        "import importlib.metadata as m, json, sys\n"
+        "def have(name):\n"
+        "    try: return m.version(name)\n"
+        "    except m.PackageNotFoundError: return None\n"
+        "want = json.loads(sys.argv[1])\n"
+        "wrong = {n: have(n) for n in want if have(n) != want[n]}\n"
+        "sys.exit(f'want {want}, installed: {wrong}' if wrong else 0)"
+    )
+    session.run("python", "-c", check, json.dumps(versions), silent=True)
 
 
 @nox.session(name="tests-numpy", python=PYTHONS)
@@ -83,18 +107,29 @@ def tests_cupy(session: nox.Session) -> None:
 
 @nox.session(name="tests-oldest", python="3.11")
 def tests_oldest(session: nox.Session) -> None:
-    """The test suite on the oldest supported NumPy and array-api-compat, without
-    Numba (the NumPy-only kernels); then the fast-path tests on the oldest Numba."""
-    session.install(".[test]", *OLDEST)
+    """The test suite on the oldest supported NumPy and array-api-compat.
+
+    First without Numba (the NumPy-only kernels), then the fast-path tests on the
+    oldest supported Numba.
+    """
+    # The reused environment still holds the Numba that the second half of the
+    # previous run installed: remove it, and check, so the first half runs
+    # without it on every run.
+    session.run(
+        "python", "-m", "pip", "uninstall", "--yes", "--quiet", "numba", "llvmlite"
+    )
+    session.install(".[test]", *_pins(OLDEST))
+    _require_installed(session, {**OLDEST, "numba": None, "llvmlite": None})
     _pytest(session, "numpy,numpy_readonly,array_api_strict")
-    session.install(OLDEST_NUMBA)
+    session.install(*_pins(OLDEST_NUMBA), *_pins(OLDEST))
+    _require_installed(session, {**OLDEST, **OLDEST_NUMBA})
     _pytest(session, "numpy", "tests/test_fast_paths.py")
 
 
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
     """ruff (lint and format check) and mypy --strict on the library."""
-    session.install("ruff", "mypy", "numpy", "array-api-compat")
+    session.install(*LINTERS, "numpy", "array-api-compat")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy")
