@@ -1,9 +1,15 @@
-"""nox sessions: one test session per array backend, plus lint, docs, bench and demo."""
+"""nox sessions: one test session per array backend, plus lint, docs, build, bench
+and demo."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
 
 import nox
 
@@ -24,6 +30,12 @@ TORCH = "torch==2.13.0"
 OLDEST = {"numpy": "1.26.0", "array-api-compat": "1.13.0"}
 OLDEST_NUMBA = {"numba": "0.60.0"}
 LINTERS = ["ruff==0.17.6", "mypy==2.4.1"]
+PACKAGING = [
+    "build==1.6.1",
+    "twine==7.0.0",
+    "check-wheel-contents==0.6.3",
+    "validate-pyproject[all]==0.27",
+]
 
 
 def _in_ci() -> bool:
@@ -54,8 +66,10 @@ def _require_installed(session: nox.Session, versions: dict[str, str | None]) ->
 
 @nox.session(name="tests-numpy", python=PYTHONS)
 def tests_numpy(session: nox.Session) -> None:
-    """The test suite on NumPy (and read-only NumPy arrays), with Numba installed;
-    test_fast_paths.py also runs the NumPy-only kernels."""
+    """The test suite on NumPy and read-only NumPy arrays, with Numba installed.
+
+    test_fast_paths.py also runs the NumPy-only kernels.
+    """
     session.install(".[test,numba]")
     _pytest(session, "numpy,numpy_readonly")
 
@@ -137,12 +151,13 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def docs(session: nox.Session) -> None:
-    """Build the HTML docs (warnings are errors), run their doctests, check the site
-    offline (local assets, links) and in a headless Chromium-based browser.
+    """Build the HTML docs (warnings are errors), run their doctests, check the site.
 
-    Without a browser the browser check is skipped and the session reports itself
-    skipped, with the reason; with CI set it fails instead. Install `chromium` (or
-    Chrome), or set BNARRAY_BROWSER to a browser's path.
+    The site is checked offline (local assets, links) and in a headless
+    Chromium-based browser. Without a browser, that check is skipped and the
+    session reports itself skipped, with the reason; with CI set it fails
+    instead. Install `chromium` (or Chrome), or set BNARRAY_BROWSER to a
+    browser's path.
     """
     session.install("-e", ".", "-r", "docs/requirements.txt", "pytest")
     build = "docs/_build/html"
@@ -171,11 +186,109 @@ def docs(session: nox.Session) -> None:
     )
 
 
+def _dist_problems(dist: Path) -> list[str]:
+    """What the sdist and wheel in `dist` hold that they should not, or lack."""
+    (wheel,) = dist.glob("*.whl")
+    (sdist,) = dist.glob("*.tar.gz")
+    problems = []
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    name, version = wheel.name.split("-")[:2]
+    info = f"{name}-{version}.dist-info/"
+    problems += [
+        f"{wheel.name}: {n} (only the package and its metadata belong in the wheel)"
+        for n in names
+        if not n.startswith(("bnarray/", info))
+    ]
+    problems += [
+        f"{wheel.name}: no {n}"
+        for n in (
+            "bnarray/__init__.py",
+            "bnarray/py.typed",
+            "bnarray/_fast/__init__.py",
+        )
+        if n not in names
+    ]
+    problems += [f"{wheel.name}: {n}" for n in names if "__pycache__" in n]
+    with tarfile.open(sdist) as tf:
+        members = {m.name.split("/", 1)[1] for m in tf.getmembers() if "/" in m.name}
+    # The sources of the tests and the docs, as they are in this tree.
+    wanted = [
+        p.as_posix()
+        for pattern in (
+            "tests/*.py",
+            "docs/*.rst",
+            "docs/*.md",
+            "docs/*.py",
+            "docs/*.txt",
+        )
+        for p in sorted(Path().glob(pattern))
+    ]
+    wanted += ["pyproject.toml", "README.md", "CHANGELOG.md", "LICENSE"]
+    wanted += [p.as_posix() for p in sorted(Path("src/bnarray").rglob("*.py"))]
+    wanted += ["src/bnarray/py.typed"]
+    problems += [f"{sdist.name}: no {name}" for name in wanted if name not in members]
+    problems += [
+        f"{sdist.name}: {name}"
+        for name in sorted(members)
+        if "__pycache__" in name or name.startswith(("docs/_build/", ".nox/", "dist/"))
+    ]
+    return problems
+
+
+@nox.session(python="3.11")
+def build(session: nox.Session) -> None:
+    """Build the sdist and the wheel, check them, run the README from the wheel.
+
+    Builds into dist/ and checks with validate-pyproject, twine check,
+    check-wheel-contents and the list of files each holds; then installs the
+    wheel into a fresh virtual environment and runs the README's Python examples
+    with it, from outside the source tree.
+    """
+    session.install(*PACKAGING)
+    session.run("validate-pyproject", "pyproject.toml")
+    dist = Path("dist")
+    shutil.rmtree(dist, ignore_errors=True)
+    session.run("python", "-m", "build", "--outdir", str(dist))
+    session.run("twine", "check", "--strict", *map(str, sorted(dist.iterdir())))
+    session.run("check-wheel-contents", *map(str, dist.glob("*.whl")))
+    problems = _dist_problems(dist)
+    if problems:
+        session.error("wrong contents:\n  " + "\n  ".join(problems))
+    session.log("sdist holds the tests and docs sources; the wheel only the package")
+
+    tmp = Path(session.create_tmp()).resolve()
+    venv = tmp / "wheel-venv"
+    session.run("python", "-m", "venv", "--clear", str(venv))
+    python = str(venv / ("Scripts" if sys.platform == "win32" else "bin") / "python")
+    (wheel,) = (p.resolve() for p in dist.glob("*.whl"))
+    session.run(
+        python, "-m", "pip", "install", "--quiet", str(wheel), "pytest", external=True
+    )
+    readme_test = Path("tests/test_readme.py").resolve()
+    where = (
+        "import sys, pathlib, bnarray\n"
+        "path = pathlib.Path(bnarray.__file__).resolve()\n"
+        "assert path.is_relative_to(pathlib.Path(sys.prefix).resolve()), path\n"
+        "print('bnarray', bnarray.__version__, 'imported from', path)\n"
+    )
+    with session.chdir(tmp):
+        session.run(python, "-c", where, external=True)
+        # No conftest: the README test needs only the installed wheel (and NumPy).
+        session.run(
+            python, "-m", "pytest", "--noconftest", "-p", "no:cacheprovider",
+            "--rootdir", str(tmp), str(readme_test), external=True,
+        )  # fmt: skip
+
+
 # Not in a plain `nox` run: tests-demo runs it in --quick mode.
 @nox.session(python="3.11", default=False)
 def demo(session: nox.Session) -> None:
-    """The main job: train an MLP on the digits with and without batch norm, write
-    plots and results.json to results/ (`nox -s demo -- --quick` for a short run)."""
+    """The main job: train an MLP on the digits with and without batch norm.
+
+    Writes plots and results.json to results/ (`nox -s demo -- --quick` for a
+    short run).
+    """
     session.install(".", "-r", "examples/requirements.txt")
     session.run(
         "python", "examples/train_digits.py", "--out", "results", *session.posargs
