@@ -1,5 +1,5 @@
-"""nox sessions: one test session per array backend, plus lint, docs, build, bench
-and demo."""
+"""nox sessions: one test session per array backend, plus lint, docs, build, the
+workflow checks, bench and demo."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ TORCH = "torch==2.13.0"
 OLDEST = {"numpy": "1.26.0", "array-api-compat": "1.13.0"}
 OLDEST_NUMBA = {"numba": "0.60.0"}
 LINTERS = ["ruff==0.17.6", "mypy==2.4.1"]
+WORKFLOW_CHECKERS = ["check-jsonschema==0.39.0", "zizmor==1.32.0", "pre-commit==4.7.0"]
 PACKAGING = [
     "build==1.6.1",
     "twine==7.0.0",
@@ -142,7 +143,10 @@ def tests_oldest(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
-    """ruff (lint and format check) and mypy --strict on the library."""
+    """ruff (lint and format check) and mypy --strict on the library.
+
+    The hooks of .pre-commit-config.yaml run the same checks.
+    """
     session.install(*LINTERS, "numpy", "array-api-compat")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
@@ -279,6 +283,25 @@ def build(session: nox.Session) -> None:
             python, "-m", "pytest", "--noconftest", "-p", "no:cacheprovider",
             "--rootdir", str(tmp), str(readme_test), external=True,
         )  # fmt: skip
+
+
+@nox.session(python="3.11")
+def workflows(session: nox.Session) -> None:
+    """Check the GitHub workflows and the pre-commit configuration.
+
+    check-jsonschema (GitHub's workflow schema) and zizmor --offline (pinned
+    actions, credentials, permissions, template injection) on
+    .github/workflows/, and pre-commit validate-config.
+    """
+    session.install(*WORKFLOW_CHECKERS)
+    files = sorted(str(p) for p in Path(".github/workflows").glob("*.y*ml"))
+    if not files:
+        session.error("no workflow files in .github/workflows/")
+    session.run(
+        "check-jsonschema", "--builtin-schema", "vendor.github-workflows", *files
+    )
+    session.run("zizmor", "--offline", ".github/workflows/")
+    session.run("pre-commit", "validate-config", ".pre-commit-config.yaml")
 
 
 # Not in a plain `nox` run: tests-demo runs it in --quick mode.
