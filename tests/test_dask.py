@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 import time
 from pathlib import Path
@@ -150,6 +151,64 @@ def test_unknown_chunk_sizes_are_a_clear_error():
     y, _ = bn.batch_norm_forward(filtered)
     y_ref, _, _ = reference.forward(filtered.compute())
     np.testing.assert_allclose(y.compute(), y_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("transpose", "axis"), [(False, 0), (True, 1), (True, -1)], ids=str
+)
+def test_unknown_size_along_the_channel_axis_is_a_clear_error(transpose, axis):
+    x = chunked(np.random.default_rng(5).normal(size=(20, 3)), (5, 3))
+    filtered = x[x[:, 0] > 0]  # shape (nan, 3)
+    filtered = filtered.T if transpose else filtered
+    shape = "(3, nan)" if transpose else "(nan, 3)"
+    with (
+        lazy_only(),
+        pytest.raises(
+            ValueError, match=rf"`x` must have a known shape, got {re.escape(shape)}"
+        ),
+    ):
+        bn.batch_norm_forward(filtered, axis=axis)
+    with lazy_only(), pytest.raises(ValueError, match="`x` must have a known shape"):
+        bn.batch_norm_forward(
+            filtered,
+            axis=axis,
+            training=False,
+            running_mean=chunked(np.zeros(3), 3),
+            running_var=chunked(np.ones(3), 3),
+        )
+
+
+@pytest.mark.parametrize(
+    "layer_kwargs",
+    [{}, {"affine": False, "track_running_stats": False}],
+    ids=["with arrays", "without arrays"],
+)
+def test_layer_refuses_unknown_sizes_and_changes_nothing(layer_kwargs):
+    layer = bn.BatchNorm(3, axis=0, xp=da, **layer_kwargs)
+    x = chunked(np.random.default_rng(6).normal(size=(3, 20)), (3, 5))
+    layer(x)
+    filtered = x[:, x[0] > 0]  # shape (3, nan): the channels are known, the batch not
+    channels_unknown = x.T[x[0] > 0]  # shape (nan, 20)
+    before = [layer.running_mean, layer.running_var, layer.weight, layer.bias]
+    for mode in (True, False):
+        layer.train(mode)
+        for bad in (filtered, channels_unknown):
+            with (
+                lazy_only(),
+                pytest.raises(ValueError, match="`x` must have a known shape"),
+            ):
+                layer(bad)
+    assert layer.num_batches_tracked == (1 if layer.track_running_stats else 0)
+    after = [layer.running_mean, layer.running_var, layer.weight, layer.bias]
+    assert all(a is b for a, b in zip(before, after, strict=True))
+
+
+def test_backward_refuses_a_gradient_of_unknown_shape():
+    x = chunked(np.random.default_rng(7).normal(size=(20, 3)), (5, 3))
+    _, ctx = bn.batch_norm_forward(x)
+    dy = x[x[:, 0] > 0]
+    with lazy_only(), pytest.raises(ValueError, match="`dy` must have a known shape"):
+        bn.batch_norm_backward(dy, ctx)
 
 
 def test_mixing_numpy_and_dask_is_a_type_error():

@@ -47,7 +47,7 @@ def test_jax_grad_through_forward_equals_explicit_backward(shape, axis, training
     _, ctx = bn.batch_norm_forward(x, w, b, axis=axis, training=training, **kwargs)
     explicit = bn.batch_norm_backward(dy, ctx)
     for got, want, like in zip(explicit, grads, (x, w, b), strict=True):
-        assert_jax_close(got, want, like=like, tol=1e-10)
+        assert_jax_close(got, want, like=like, tol=1e-12)
 
 
 @pytest.mark.parametrize(("shape", "axis"), LAYOUTS)
@@ -206,3 +206,152 @@ def test_results_stay_on_the_second_device_under_jit():
 
     for out in step(x, w, b, dy):
         assert out.devices() == {dev1}
+
+
+def assert_same_context(ctx, expected, *, tol=1e-12):
+    assert isinstance(ctx, bn.BatchNormContext)
+    assert (ctx.count, ctx.axis, ctx.training, ctx.eps) == (
+        expected.count,
+        expected.axis,
+        expected.training,
+        expected.eps,
+    )
+    for name in ["x", "weight", "mean", "var", "invstd"]:
+        got, want = getattr(ctx, name), getattr(expected, name)
+        if want is None:
+            assert got is None, name
+        else:
+            assert_jax_close(got, want, like=want, tol=tol)
+
+
+@pytest.mark.parametrize(("shape", "axis"), LAYOUTS)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_jit_of_a_training_step_returning_the_context_equals_eager(
+    shape, axis, momentum
+):
+    x, w, b, rm, rv, dy = arrays(shape, axis, seed=3)
+
+    def step(x, w, b, rm, rv, dy):
+        y, ctx = bn.batch_norm_forward(x, w, b, axis=axis)
+        grads = bn.batch_norm_backward(dy, ctx)
+        stats = bn.update_running_stats(
+            rm, rv, ctx, momentum=momentum, num_batches_tracked=2
+        )
+        return y, ctx, grads, stats
+
+    y, ctx, grads, stats = jax.jit(step)(x, w, b, rm, rv, dy)
+    y_eager, ctx_eager, grads_eager, stats_eager = step(x, w, b, rm, rv, dy)
+    assert_jax_close(y, y_eager, like=x)
+    assert_same_context(ctx, ctx_eager)
+    for got, want in zip((*grads, *stats), (*grads_eager, *stats_eager), strict=True):
+        assert_jax_close(got, want, like=want)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_context_from_jit_feeds_backward_outside_and_inside_jit(training):
+    x, w, b, rm, rv, dy = arrays((6, 3, 4), 1, seed=4)
+    kwargs = {} if training else {"running_mean": rm, "running_var": rv}
+
+    @jax.jit
+    def forward(x, w, b):
+        return bn.batch_norm_forward(x, w, b, axis=1, training=training, **kwargs)
+
+    _, ctx = forward(x, w, b)
+    _, ctx_eager = bn.batch_norm_forward(x, w, b, axis=1, training=training, **kwargs)
+    assert_same_context(ctx, ctx_eager)
+    expected = bn.batch_norm_backward(dy, ctx_eager)
+    for grads in (
+        bn.batch_norm_backward(dy, ctx),
+        jax.jit(bn.batch_norm_backward)(dy, ctx),
+    ):
+        for got, want in zip(grads, expected, strict=True):
+            assert_jax_close(got, want, like=want)
+    if training:
+        got = bn.update_running_stats(rm, rv, ctx)
+        for got_stat, want in zip(
+            got, bn.update_running_stats(rm, rv, ctx_eager), strict=True
+        ):
+            assert_jax_close(got_stat, want, like=want)
+
+
+def test_context_without_weight_is_a_pytree_with_four_leaves():
+    x, *_ = arrays((5, 2), -1)
+    _, ctx = bn.batch_norm_forward(x)
+    leaves, treedef = jax.tree_util.tree_flatten(ctx)
+    assert len(leaves) == 4  # x, mean, var, invstd; weight is None
+    doubled = jax.tree_util.tree_map(lambda a: 2 * a, ctx)
+    assert isinstance(doubled, bn.BatchNormContext) and doubled.weight is None
+    assert_jax_close(doubled.mean, 2 * ctx.mean, like=ctx.mean)
+    assert jax.tree_util.tree_unflatten(treedef, leaves).count == ctx.count
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((6, 3), -1), ((5, 3, 4), 1)])
+def test_vmap_over_independent_batches_equals_a_loop(shape, axis):
+    batches = 4
+    rng = np.random.default_rng(5)
+    xs = jnp.asarray(rng.normal(2.0, 3.0, size=(batches, *shape)))
+    dys = jnp.asarray(rng.normal(size=(batches, *shape)))
+    _, w, b, rm, rv, _ = arrays(shape, axis, seed=6)
+
+    def step(x, dy):
+        y, ctx = bn.batch_norm_forward(x, w, b, axis=axis)
+        stats = bn.update_running_stats(rm, rv, ctx)
+        return y, ctx, bn.batch_norm_backward(dy, ctx), stats
+
+    ys, ctxs, grads, stats = jax.vmap(step)(xs, dys)
+    assert isinstance(ctxs, bn.BatchNormContext)
+    assert ctxs.mean.shape == (batches, 3)
+    # The batched contexts feed a batched backward, too.
+    grads_again = jax.vmap(bn.batch_norm_backward)(dys, ctxs)
+    for i in range(batches):
+        y, ctx, grads_i, stats_i = step(xs[i], dys[i])
+        assert_jax_close(ys[i], y, like=y)
+        assert_same_context(jax.tree_util.tree_map(lambda a, i=i: a[i], ctxs), ctx)
+        for got, again, want in zip(grads, grads_again, grads_i, strict=True):
+            assert_jax_close(got[i], want, like=want)
+            assert_jax_close(again[i], want, like=want)
+        for got, want in zip(stats, stats_i, strict=True):
+            assert_jax_close(got[i], want, like=want)
+
+
+def run_python(code):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_importing_bnarray_does_not_import_jax():
+    code = (
+        "import sys, numpy as np, bnarray as bn\n"
+        "bn.batch_norm_forward(np.ones((3, 2)))\n"
+        "print('jax' in sys.modules)\n"
+    )
+    assert run_python(code).strip() == "False"
+
+
+def test_context_is_a_pytree_when_jax_comes_first():
+    code = (
+        "import jax, numpy as np, bnarray as bn\n"
+        "_, ctx = bn.batch_norm_forward(np.ones((3, 2)), np.ones(2))\n"
+        "print(len(jax.tree_util.tree_leaves(ctx)))\n"
+    )
+    assert run_python(code).strip() == "5"
+
+
+def test_context_becomes_a_pytree_when_bnarray_first_meets_jax_arrays_in_threads():
+    code = (
+        "import numpy as np, bnarray as bn, jax, jax.numpy as jnp\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "_, ctx = bn.batch_norm_forward(np.ones((3, 2)), np.ones(2))\n"
+        "print(len(jax.tree_util.tree_leaves(ctx)))\n"
+        "x = jnp.asarray(np.arange(6.0).reshape(3, 2))\n"
+        "with ThreadPoolExecutor(8) as pool:\n"
+        "    list(pool.map(lambda _: bn.batch_norm_forward(x), range(32)))\n"
+        "print(len(jax.tree_util.tree_leaves(ctx)))\n"
+    )
+    assert run_python(code).split() == ["1", "5"]

@@ -10,7 +10,9 @@ from array_api_compat import (
     device,
     is_array_api_obj,
     is_cupy_namespace,
+    is_jax_namespace,
     is_numpy_namespace,
+    is_torch_array,
 )
 
 __all__ = [
@@ -21,7 +23,9 @@ __all__ = [
     "device",
     "is_array_api_obj",
     "is_cupy_namespace",
+    "is_jax_namespace",
     "is_numpy_namespace",
+    "is_torch_array",
 ]
 
 Array = Any

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
-from . import _math
-from ._compat import Array, Namespace
+from . import _jax, _math
+from ._compat import Array, Namespace, is_jax_namespace
 from ._fast import kernels_for
 from ._validation import (
+    check_bool,
     check_channel_array,
     check_eps,
     check_momentum,
@@ -33,6 +35,13 @@ class BatchNormContext:
 
     Returned by :func:`batch_norm_forward`; treat it as opaque to pass along,
     but its attributes are public and stable.
+
+    Once JAX is imported (before or after bnarray), the context is a JAX
+    pytree: the arrays `x`, `weight`, `mean`, `var` and `invstd` are its
+    leaves, `count`, `axis`, `training` and `eps` its static structure. A
+    function under ``jax.jit`` or ``jax.vmap`` can then take and return
+    contexts, and :func:`batch_norm_backward` accepts a context that crossed
+    such a boundary.
 
     Attributes
     ----------
@@ -78,6 +87,20 @@ class BatchNormContext:
             f"channel_shape={shape}, count={self.count}, training={self.training}, "
             f"eps={self.eps})"
         )
+
+
+def _register_context_pytree() -> None:
+    _jax.register_dataclass(
+        BatchNormContext,
+        data_fields=("x", "weight", "mean", "var", "invstd"),
+        meta_fields=("count", "axis", "training", "eps"),
+    )
+
+
+# JAX imported before bnarray; otherwise batch_norm_forward registers the context
+# when it first meets JAX arrays.
+if "jax" in sys.modules:
+    _register_context_pytree()
 
 
 def _broadcast_shape(shape: tuple[int, ...], kept: tuple[int, ...]) -> tuple[int, ...]:
@@ -127,7 +150,7 @@ def batch_norm_forward(
     eps : float, default 1e-5
         Added to the variance, as in PyTorch, cuDNN and Flax.
     training : bool, default True
-        True: normalize with the batch's statistics (``running_*`` must be
+        A Python or NumPy bool. True: normalize with the batch's statistics (``running_*`` must be
         None; update them with :func:`update_running_stats`). False: normalize
         with `running_mean` and `running_var`, which are then required.
     running_mean, running_var : array, optional
@@ -144,9 +167,10 @@ def batch_norm_forward(
     ------
     TypeError
         A non-array or non-floating `x` or parameter; arrays of different
-        libraries.
+        libraries; a `training` that is not a bool.
     ValueError
-        A bad `axis`, `eps` or parameter shape; arrays on different devices;
+        A bad `axis`, `eps` or parameter shape; an `x` of unknown shape (Dask
+        after boolean indexing); arrays on different devices;
         fewer than two values per channel in training; running statistics
         missing in inference or given in training.
 
@@ -177,12 +201,12 @@ def batch_norm_forward(
             "running_var": running_var,
         }
     )
+    if is_jax_namespace(xp):
+        _register_context_pytree()
     check_x(x, xp)
     kept = normalize_axis(axis, x.ndim)
     eps = check_eps(eps)
-    if not isinstance(training, bool):
-        msg = f"`training` must be a bool, got {type(training).__name__}: {training!r:.80}"
-        raise TypeError(msg)
+    training = check_bool(training, "training")
     channel_shape = tuple(x.shape[a] for a in kept)
     for name, a in [
         ("weight", weight),
@@ -193,9 +217,6 @@ def batch_norm_forward(
         check_channel_array(a, name, channel_shape, xp)
     reduce_axes = tuple(a for a in range(x.ndim) if a not in kept)
     count = reduce_count(tuple(x.shape), reduce_axes)
-    if count is None:
-        msg = f"`x` must have a known shape, got {tuple(x.shape)}"
-        raise ValueError(msg)
 
     if training:
         for name, a in [("running_mean", running_mean), ("running_var", running_var)]:

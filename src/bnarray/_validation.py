@@ -5,13 +5,18 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 from collections.abc import Mapping
+from typing import Any
 
 from ._compat import Array, Namespace, array_namespace, device, is_array_api_obj
 
 __all__ = [
+    "check_axis",
+    "check_bool",
     "check_channel_array",
     "check_eps",
+    "check_integer",
     "check_momentum",
     "check_num_batches_tracked",
     "check_x",
@@ -67,28 +72,39 @@ def namespace_of(arrays: Mapping[str, Array | None]) -> Namespace:
 
 
 def check_x(x: Array, xp: Namespace, *, name: str = "x") -> None:
-    """`x` must have a real floating dtype and at least one dimension."""
+    """`x` must have a real floating dtype, at least one dimension and a known shape.
+
+    An unknown size is NaN in Dask (after boolean indexing, say) and None in
+    the array API standard.
+    """
     if not xp.isdtype(x.dtype, "real floating"):
         msg = f"`{name}` must have a real floating dtype, got {x.dtype}"
         raise TypeError(msg)
     if x.ndim < 1:
         msg = f"`{name}` must have at least one dimension, got shape {tuple(x.shape)}"
         raise ValueError(msg)
+    for size in x.shape:
+        if size is None or math.isnan(size):
+            msg = f"`{name}` must have a known shape, got {tuple(x.shape)}"
+            raise ValueError(msg)
+
+
+def check_axis(axis: object) -> tuple[int, ...]:
+    """`axis` as a tuple of ints, not yet checked against an array's dimensions."""
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    indices = []
+    for a in axes:
+        if isinstance(a, bool) or not hasattr(type(a), "__index__"):
+            msg = f"`axis` must be an int or a tuple of ints, got {axis!r}"
+            raise TypeError(msg)
+        indices.append(operator.index(a))
+    return tuple(indices)
 
 
 def normalize_axis(axis: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
     """The kept (channel) axes as sorted non-negative ints."""
-    axes = axis if isinstance(axis, tuple) else (axis,)
     normalized = []
-    for a in axes:
-        if isinstance(a, bool):
-            msg = f"`axis` must be an int or a tuple of ints, got {axis!r}"
-            raise TypeError(msg)
-        try:
-            a = operator.index(a)
-        except TypeError:
-            msg = f"`axis` must be an int or a tuple of ints, got {axis!r}"
-            raise TypeError(msg) from None
+    for a in check_axis(axis):
         if not -ndim <= a < ndim:
             msg = f"`axis` {axis!r} is out of range for an array with {ndim} dimensions"
             raise ValueError(msg)
@@ -99,17 +115,12 @@ def normalize_axis(axis: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
     return tuple(sorted(normalized))
 
 
-def reduce_count(
-    shape: tuple[int | float | None, ...], reduce_axes: tuple[int, ...]
-) -> int | None:
-    """Elements per channel, or None when a lazy backend does not know the shape yet
-    (None in the array API standard, NaN in Dask)."""
+def reduce_count(shape: tuple[int, ...], reduce_axes: tuple[int, ...]) -> int:
+    """Elements per channel: the product of the reduced axes' sizes (known, as
+    `check_x` makes sure)."""
     count = 1
-    for a in reduce_axes:
-        size = shape[a]
-        if size is None or math.isnan(size):
-            return None
-        count *= int(size)
+    for a in reduce_axes:  # a loop, not a generator: torch.compile traces it
+        count *= int(shape[a])
     return count
 
 
@@ -137,6 +148,22 @@ def _check_real(value: object, name: str) -> float:
         )
         raise TypeError(msg)
     return float(value)
+
+
+def check_bool(value: object, name: str) -> bool:
+    """A flag: a Python bool or a NumPy bool (``numpy.bool_``, as comparisons of
+    NumPy scalars return), as a Python bool."""
+    if isinstance(value, bool):
+        return value
+    # A NumPy bool exists only where NumPy is imported: no need to import it here.
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.bool_):
+        return bool(value)
+    msg = (
+        f"`{name}` must be a bool (Python's or NumPy's), got "
+        f"{type(value).__name__}: {value!r:.80}"
+    )
+    raise TypeError(msg)
 
 
 def check_eps(eps: object) -> float:
@@ -171,17 +198,7 @@ def check_num_batches_tracked(
             )
             raise ValueError(msg)
         return None
-    if isinstance(num_batches_tracked, bool):
-        msg = f"`num_batches_tracked` must be an int, got {num_batches_tracked!r}"
-        raise TypeError(msg)
-    try:
-        count = operator.index(num_batches_tracked)  # type: ignore[arg-type]
-    except TypeError:
-        msg = (
-            f"`num_batches_tracked` must be an int, got "
-            f"{type(num_batches_tracked).__name__}: {num_batches_tracked!r:.80}"
-        )
-        raise TypeError(msg) from None
+    count = check_integer(num_batches_tracked, "num_batches_tracked")
     if count < (1 if required else 0):
         msg = (
             f"`num_batches_tracked` must count this batch too (>= 1), got {count}"
@@ -190,3 +207,26 @@ def check_num_batches_tracked(
         )
         raise ValueError(msg)
     return count
+
+
+def check_integer(value: object, name: str) -> int:
+    """A Python int, a NumPy integer or a 0-d integer array of any library, as an
+    int; bools and floats (even integral ones) are refused."""
+    array: Any = value
+    if is_array_api_obj(value):
+        if not array_namespace(array).isdtype(array.dtype, "integral"):
+            msg = (
+                f"`{name}` must be an integer, got {type(value).__name__} of dtype "
+                f"{array.dtype}: {value!r:.80}"
+            )
+            raise TypeError(msg)
+        if array.ndim != 0:
+            msg = f"`{name}` must be a single integer (0-d), got shape {tuple(array.shape)}"
+            raise ValueError(msg)
+    if not isinstance(value, bool):
+        try:
+            return operator.index(array)
+        except TypeError:
+            pass
+    msg = f"`{name}` must be an integer, got {type(value).__name__}: {value!r:.80}"
+    raise TypeError(msg)
