@@ -269,3 +269,115 @@ class TestLayer:
     def test_state_dict_must_be_a_mapping(self):
         with raises(TypeError, "`state_dict`", "list"):
             bn.BatchNorm(3).load_state_dict([])
+
+
+@pytest.mark.parametrize("flag", [1, 0, np.int64(1), "True", None, np.array(True)])
+def test_flags_are_python_or_numpy_bools(x, flag):
+    fragments = ["bool", "NumPy", type(flag).__name__]
+    with raises(TypeError, "`training`", *fragments):
+        bn.batch_norm_forward(x, training=flag)
+    with raises(TypeError, "`mode`", *fragments):
+        bn.BatchNorm(3).train(flag)
+    for name in ["affine", "track_running_stats"]:
+        with raises(TypeError, f"`{name}`", *fragments):
+            bn.BatchNorm(3, **{name: flag})
+
+
+def test_dtype_of_another_library_is_a_type_error():
+    torch = pytest.importorskip("torch")
+    for xp, dtype, shown in [
+        (torch, np.float32, "numpy.float32"),
+        (torch, np.dtype("float64"), "float64"),
+        (torch, "float32", "'float32'"),
+        (np, torch.float32, "torch.float32"),
+        (np, "float64", "'float64'"),
+    ]:
+        with raises(TypeError, "`dtype`", shown, f"{xp.__name__}.float32"):
+            bn.BatchNorm(3, xp=xp, dtype=dtype)
+
+
+def test_dtype_of_array_api_strict_must_be_its_own():
+    xps = pytest.importorskip("array_api_strict")
+    with raises(TypeError, "`dtype`", "float32", "array_api_strict"):
+        bn.BatchNorm(3, xp=xps, dtype=np.float32)
+    with raises(TypeError, "`dtype`", "array_api_strict.float64"):
+        bn.BatchNorm(3, dtype=xps.float64)
+
+
+class TestLoadStateDict:
+    """Every rejected entry names its key, shows the value, and changes nothing."""
+
+    @pytest.fixture
+    def layer(self, backend):
+        layer = bn.BatchNorm(3, xp=backend.lib, device=backend.device)
+        layer(backend.asarray(np.random.default_rng(1).normal(size=(4, 3))))
+        layer.backward(backend.asarray(np.ones((4, 3))))
+        return layer
+
+    def load_and_check_unchanged(self, backend, layer, key, value, exc, *fragments):
+        state = {k: backend.to_numpy(v) * 2 for k, v in layer.state_dict().items()}
+        state[key] = value
+        before = {k: backend.to_numpy(v) for k, v in layer.state_dict().items()}
+        with raises(exc, f"`state_dict[{key!r}]`", *fragments):
+            layer.load_state_dict(state)
+        after = {k: backend.to_numpy(v) for k, v in layer.state_dict().items()}
+        for k in before:
+            np.testing.assert_array_equal(before[k], after[k])
+        assert layer.num_batches_tracked == 1
+
+    @pytest.mark.parametrize(
+        ("value", "exc", "fragments"),
+        [
+            pytest.param(value, exc, fragments, id=repr(value))
+            for value, exc, fragments in [
+                (None, TypeError, ["integer", "NoneType", "None"]),
+                ("abc", TypeError, ["integer", "str", "'abc'"]),
+                (2.7, TypeError, ["integer", "float", "2.7"]),
+                (2.0, TypeError, ["integer", "float", "2.0"]),
+                (True, TypeError, ["integer", "bool", "True"]),
+                (np.float64(3.0), TypeError, ["integer", "float64", "3.0"]),
+                (np.array(3.0), TypeError, ["integer", "float64", "3."]),
+                (np.array([3]), ValueError, ["0-d", "(1,)"]),
+                (-1, ValueError, [">= 0", "-1"]),
+            ]
+        ],
+    )
+    def test_num_batches_tracked(self, backend, layer, value, exc, fragments):
+        self.load_and_check_unchanged(
+            backend, layer, "num_batches_tracked", value, exc, *fragments
+        )
+
+    @pytest.mark.parametrize(
+        ("key", "value", "fragments"),
+        [
+            pytest.param(key, value, fragments, id=f"{key}={value!r}")
+            for key, value, fragments in [
+                ("weight", np.array([1 + 1j, 1, 1]), ["real", "complex128", "1.+1.j"]),
+                ("bias", np.array([True, False, True]), ["real", "bool", "True"]),
+                ("running_mean", "abc", ["real", "'abc'"]),
+                ("running_var", None, ["real", "None"]),
+                ("weight", [[1.0], [1.0, 2.0]], ["list", "[[1.0], [1.0, 2.0]]"]),
+                ("bias", {"a": 1.0}, ["real", "{'a': 1.0}"]),
+            ]
+        ],
+    )
+    def test_non_real_arrays(self, backend, layer, key, value, fragments):
+        self.load_and_check_unchanged(backend, layer, key, value, TypeError, *fragments)
+
+    def test_complex_array_of_the_layers_library(self, backend, layer):
+        value = backend.asarray(np.array([1 + 2j, 1, 1]))
+        self.load_and_check_unchanged(
+            backend, layer, "weight", value, TypeError, "real", "complex128"
+        )
+
+    def test_float_count_of_the_layers_library(self, backend, layer):
+        value = backend.asarray(np.float64(3.0))
+        self.load_and_check_unchanged(
+            backend,
+            layer,
+            "num_batches_tracked",
+            value,
+            TypeError,
+            "integer",
+            "float64",
+        )

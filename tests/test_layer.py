@@ -261,3 +261,202 @@ def test_repr_names_the_configuration():
     assert repr(bn.BatchNorm(4, axis=1, momentum=None)) == (
         "BatchNorm(4, axis=1, eps=1e-05, momentum=None, affine=True, track_running_stats=True)"
     )
+
+
+def trained_layer(backend, *, seed=10):
+    """A layer after two training steps and a backward, switched to eval mode."""
+    rng = np.random.default_rng(seed)
+    layer = make_layer(backend, 3, axis=1, momentum=None)
+    for _ in range(2):
+        x = backend.asarray(rng.normal(1.0, 2.0, size=(5, 3, 2)))
+        layer(x)
+    layer.backward(backend.asarray(rng.normal(size=(5, 3, 2))))
+    return layer.eval()
+
+
+def assert_same_state(backend, copied, layer):
+    assert type(copied) is bn.BatchNorm and copied is not layer
+    assert copied.training is layer.training
+    assert copied.num_batches_tracked == layer.num_batches_tracked
+    assert (copied.axis, copied.eps, copied.momentum) == (
+        layer.axis,
+        layer.eps,
+        layer.momentum,
+    )
+    like = layer.weight
+    for name in ["weight", "bias", "running_mean", "running_var"]:
+        expected = backend.to_numpy(getattr(layer, name))
+        assert_close(
+            backend, getattr(copied, name), expected, like=like, rtol=0, atol=0
+        )
+    for name in ["grad_weight", "grad_bias"]:
+        expected = backend.to_numpy(getattr(layer, name))
+        assert_close(
+            backend, getattr(copied, name), expected, like=like, rtol=0, atol=0
+        )
+
+
+def test_deepcopy_keeps_the_state_and_the_forward_for_backward(backend):
+    import copy
+
+    layer = trained_layer(backend)
+    clone = copy.deepcopy(layer)
+    assert_same_state(backend, clone, layer)
+    dy = backend.asarray(np.random.default_rng(11).normal(size=(5, 3, 2)))
+    np.testing.assert_array_equal(
+        backend.to_numpy(clone.backward(dy)), backend.to_numpy(layer.backward(dy))
+    )
+    # The copy is independent: training it leaves the original as it was.
+    before = snapshot(backend, layer)
+    clone.train()(backend.asarray(np.ones((4, 3, 2)) * np.arange(4)[:, None, None]))
+    assert clone.num_batches_tracked == 3 and layer.num_batches_tracked == 2
+    after = snapshot(backend, layer)
+    assert after[1] is before[1] is False
+    for key in before[0]:
+        np.testing.assert_array_equal(before[0][key], after[0][key])
+
+
+def test_shallow_copy_keeps_the_forward_for_backward(backend):
+    import copy
+
+    layer = trained_layer(backend)
+    clone = copy.copy(layer)
+    assert_same_state(backend, clone, layer)
+    dy = backend.asarray(np.ones((5, 3, 2)))
+    np.testing.assert_array_equal(
+        backend.to_numpy(clone.backward(dy)), backend.to_numpy(layer.backward(dy))
+    )
+    clone.train()
+    assert layer.training is False
+
+
+def test_pickle_round_trip_keeps_the_state_but_not_the_last_input(backend):
+    import pickle
+
+    if backend.name == "jax_cpu1":
+        pytest.skip("JAX unpickles its arrays onto the default device")
+    layer = trained_layer(backend)
+    restored = pickle.loads(pickle.dumps(layer))
+    assert_same_state(backend, restored, layer)
+    dy = backend.asarray(np.ones((5, 3, 2)))
+    with pytest.raises(RuntimeError, match="forward"):
+        restored.backward(dy)
+    x = np.random.default_rng(12).normal(size=(5, 3, 2))
+    y, y_restored = layer(backend.asarray(x)), restored(backend.asarray(x))
+    np.testing.assert_array_equal(backend.to_numpy(y_restored), backend.to_numpy(y))
+    np.testing.assert_array_equal(
+        backend.to_numpy(restored.backward(dy)), backend.to_numpy(layer.backward(dy))
+    )
+    restored.train()(backend.asarray(x))
+    assert restored.num_batches_tracked == 3
+
+
+def test_pickle_of_a_fresh_layer_without_arrays(backend):
+    import pickle
+
+    layer = make_layer(backend, 2, affine=False, track_running_stats=False)
+    restored = pickle.loads(pickle.dumps(layer))
+    x = np.random.default_rng(13).normal(size=(6, 2))
+    y_ref, _, _ = reference.forward(x)
+    assert_close(backend, restored(backend.asarray(x)), y_ref, like=backend.asarray(x))
+    assert repr(restored) == repr(layer)
+
+
+@pytest.mark.parametrize(
+    "value", [np.bool_(False), np.bool_(True), False, True], ids=repr
+)
+def test_numpy_bools_are_flags(backend, value):
+    layer = make_layer(backend, 2, affine=value, track_running_stats=value)
+    assert layer.affine is bool(value) and layer.track_running_stats is bool(value)
+    assert layer.train(value).training is bool(value)
+    assert layer.train(not value).train(mode=value).training is bool(value)
+
+
+def test_training_flag_takes_a_numpy_bool(backend):
+    rng = np.random.default_rng(15)
+    x = backend.asarray(rng.normal(size=(6, 2)))
+    stats = {
+        "running_mean": backend.asarray(rng.normal(size=2)),
+        "running_var": backend.asarray(rng.uniform(0.5, 2.0, size=2)),
+    }
+    for flag, kwargs in [(np.bool_(True), {}), (np.bool_(False), stats)]:
+        y, ctx = bn.batch_norm_forward(x, training=flag, **kwargs)
+        y_ref, _ = bn.batch_norm_forward(x, training=bool(flag), **kwargs)
+        assert ctx.training is bool(flag)
+        np.testing.assert_array_equal(backend.to_numpy(y), backend.to_numpy(y_ref))
+
+
+@pytest.mark.parametrize(
+    "count",
+    [7, np.int64(7), np.array(7), np.array(7, dtype=np.int32), np.uint8(7)],
+    ids=repr,
+)
+def test_load_state_dict_takes_integer_counts_of_any_kind(backend, count):
+    layer = make_layer(backend, 2)
+    layer.load_state_dict({"num_batches_tracked": count}, strict=False)
+    assert layer.num_batches_tracked == 7
+    assert type(layer.num_batches_tracked) is int
+    layer.load_state_dict({"num_batches_tracked": backend.asarray(count)}, strict=False)
+    assert layer.num_batches_tracked == 7
+
+
+def test_state_dict_in_another_library(backend):
+    if backend.name == "array_api_strict_device1":
+        pytest.skip("NumPy cannot read arrays on array_api_strict's second device")
+    layer = trained_layer(backend)
+    own = layer.state_dict()
+    as_numpy = layer.state_dict(xp=np)
+    assert list(as_numpy) == list(own)
+    for key, value in as_numpy.items():
+        assert type(value) is np.ndarray
+        np.testing.assert_array_equal(value, backend.to_numpy(own[key]))
+    assert as_numpy["num_batches_tracked"].dtype == np.int64
+    assert as_numpy["num_batches_tracked"].shape == ()
+    assert as_numpy["weight"].dtype == np.float64
+    # A NumPy state dict loads back into a layer of the backend's library.
+    clone = make_layer(backend, 3, axis=1)
+    clone.load_state_dict(as_numpy)
+    for key in ["weight", "bias", "running_mean", "running_var"]:
+        np.testing.assert_array_equal(
+            backend.to_numpy(getattr(clone, key)), as_numpy[key]
+        )
+    assert clone.num_batches_tracked == 2
+
+
+def test_state_dict_in_the_layers_own_library_is_the_layers_arrays(backend):
+    layer = trained_layer(backend)
+    state = layer.state_dict(xp=backend.lib)
+    assert state["weight"] is layer.weight
+    assert state["running_var"] is layer.running_var
+
+
+@pytest.mark.parametrize(
+    "layer_kwargs",
+    [{}, {"affine": False, "track_running_stats": False}],
+    ids=["with arrays", "without arrays"],
+)
+def test_wrong_feature_count_is_reported_as_such(backend, layer_kwargs):
+    layer = make_layer(backend, 3, axis=1, **layer_kwargs)
+    x = backend.asarray(np.random.default_rng(16).normal(size=(4, 5, 2)))
+    for mode in (True, False):
+        layer.train(mode)
+        with pytest.raises(
+            ValueError, match=r"`x` of shape \(4, 5, 2\) has \(5,\) features"
+        ):
+            layer(x)
+    assert layer.num_batches_tracked == 0
+
+
+def test_input_checks_come_before_the_layers_arrays(backend):
+    xps = pytest.importorskip("array_api_strict")
+    layer = make_layer(backend, 3, axis=1)
+    other = np if backend.lib is not np else xps
+    for x, exc, match in [
+        (other.ones((4, 5), dtype=other.float64), ValueError, "features"),
+        (other.ones((4, 3), dtype=other.int64), TypeError, "`x` must have a real"),
+        (other.ones((4,), dtype=other.float64), ValueError, "`axis` 1 is out of range"),
+        ([[1.0] * 3] * 4, TypeError, "`x` must be an array"),
+    ]:
+        with pytest.raises(exc, match=match):
+            layer(x)
+    assert layer.num_batches_tracked == 0

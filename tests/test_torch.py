@@ -263,3 +263,126 @@ def test_meta_device_tensors_are_a_device_error():
     x, w, *_ = make((6, 3))
     with pytest.raises(ValueError, match="device"):
         bn.batch_norm_forward(x, w.to("meta"), axis=1)
+
+
+def train_both(layer, module, *, steps, shape, seed, to_layer):
+    """Train the bnarray layer and the torch module on the same batches."""
+    for step in range(steps):
+        x = make(shape, seed=seed + step)[0]
+        layer(to_layer(x))
+        with torch.no_grad():
+            module(x)
+
+
+@pytest.mark.parametrize(
+    ("module_type", "shape"),
+    [
+        (torch.nn.BatchNorm1d, (6, 3)),
+        (torch.nn.BatchNorm1d, (5, 3, 4)),
+        (torch.nn.BatchNorm2d, (4, 3, 2, 5)),
+    ],
+)
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_state_dict_xp_torch_loads_into_torch_modules(module_type, shape, library):
+    xp = torch if library == "torch" else np
+
+    def to_layer(t):
+        return t if library == "torch" else t.numpy()
+
+    def to_torch(a):
+        return a if library == "torch" else torch.from_numpy(np.asarray(a))
+
+    layer = bn.BatchNorm(3, axis=1, xp=xp, dtype=xp.float64, momentum=0.3)
+    rng = np.random.default_rng(0)
+    layer.load_state_dict(
+        {"weight": rng.normal(1.0, 0.5, 3), "bias": rng.normal(0.0, 0.5, 3)},
+        strict=False,
+    )
+    for step in range(3):
+        layer(to_layer(make(shape, seed=50 + step)[0]))
+    state = layer.state_dict(xp=torch)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert state["num_batches_tracked"].dtype == torch.int64
+    assert state["num_batches_tracked"].shape == ()
+    module = module_type(3, momentum=0.3, dtype=torch.float64)
+    module.load_state_dict(state)
+    assert int(module.num_batches_tracked) == 3
+
+    x = make(shape, seed=60)[0]
+    for train in (False, True):
+        layer.train(train)
+        module.train(train)
+        y = to_torch(layer(to_layer(x)))
+        with torch.no_grad():
+            expected = module(x)
+        assert_torch_close(y, expected, tol=1e-12)
+        assert_torch_close(to_torch(layer.running_mean), module.running_mean, tol=1e-12)
+        assert_torch_close(to_torch(layer.running_var), module.running_var, tol=1e-12)
+    assert layer.num_batches_tracked == int(module.num_batches_tracked) == 4
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_torch_module_state_loads_into_the_layer_and_trains_alike(library):
+    xp = torch if library == "torch" else np
+    module = trained_torch_module(seed=3).train()
+    layer = bn.BatchNorm(4, axis=1, xp=xp, dtype=xp.float64)
+    layer.load_state_dict(module.state_dict())
+    assert layer.num_batches_tracked == 3
+
+    def to_layer(t):
+        return t if library == "torch" else t.numpy()
+
+    train_both(layer, module, steps=2, shape=(6, 4, 2, 3), seed=70, to_layer=to_layer)
+    back = layer.state_dict(xp=torch)
+    for key, value in module.state_dict().items():
+        assert_torch_close(back[key].to(value.dtype), value, tol=1e-12)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_load_state_dict_takes_parameters_that_require_grad(library):
+    module = trained_torch_module(seed=4)
+    state = dict(module.named_parameters()) | dict(module.named_buffers())
+    assert state["weight"].requires_grad
+    xp = torch if library == "torch" else np
+    layer = bn.BatchNorm(4, axis=1, xp=xp, dtype=xp.float64)
+    layer.load_state_dict(state)
+    weight = layer.weight
+    if library == "torch":
+        assert not weight.requires_grad
+        weight = weight.numpy()
+    np.testing.assert_array_equal(weight, module.weight.detach().numpy())
+    assert layer.num_batches_tracked == 3
+    with torch.no_grad():
+        module.weight.mul_(2.0)  # the layer holds a copy
+    np.testing.assert_array_equal(
+        np.asarray(layer.weight), module.weight.detach().numpy() / 2.0
+    )
+
+
+def test_load_state_dict_refuses_a_float_count_tensor_and_a_complex_weight():
+    layer = bn.BatchNorm(3, axis=1, xp=torch, dtype=torch.float64)
+    state = layer.state_dict()
+    with pytest.raises(TypeError, match=r"`state_dict\['num_batches_tracked'\]`"):
+        layer.load_state_dict({**state, "num_batches_tracked": torch.tensor(2.0)})
+    with pytest.raises(TypeError, match=r"`state_dict\['weight'\]` must hold real"):
+        layer.load_state_dict({**state, "weight": torch.ones(3, dtype=torch.complex64)})
+    assert layer.num_batches_tracked == 0
+    torch.testing.assert_close(layer.weight, torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend_name", ["eager", "aot_eager"])
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_torch_compile_of_forward_and_backward_equals_eager(backend_name):
+    # Dynamo splits the function into several graphs (bnarray's Python-level
+    # checks run between them), so `fullgraph=True` is not supported.
+    x, w, b, _, _ = make((8, 3, 4, 4), seed=80)
+    dy = torch.tensor(np.random.default_rng(81).normal(size=x.shape))
+
+    def step(x, w, b, dy):
+        y, ctx = bn.batch_norm_forward(x, w, b, axis=1)
+        return (y, *bn.batch_norm_backward(dy, ctx))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=backend_name)
+    for got, want in zip(compiled(x, w, b, dy), step(x, w, b, dy), strict=True):
+        assert_torch_close(got, want, tol=1e-12)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+import importlib
 import operator
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from ._compat import Array, Device, Namespace, array_namespace, device, is_array_api_obj
+from ._compat import (
+    Array,
+    Device,
+    Namespace,
+    array_namespace,
+    device,
+    is_array_api_obj,
+    is_torch_array,
+)
 from ._core import (
     BatchNormContext,
     batch_norm_backward,
@@ -14,7 +25,10 @@ from ._core import (
     update_running_stats,
 )
 from ._validation import (
+    check_axis,
+    check_bool,
     check_eps,
+    check_integer,
     check_momentum,
     check_x,
     library_name,
@@ -41,17 +55,36 @@ def _channel_shape(num_features: object, axis: object) -> tuple[int, ...]:
             msg = f"`num_features` must be positive, got {num_features!r}"
             raise ValueError(msg)
         sizes.append(n)
-    n_axes = len(axis) if isinstance(axis, tuple) else 1
-    if not isinstance(axis, (int, tuple)) or isinstance(axis, bool):
-        msg = f"`axis` must be an int or a tuple of ints, got {axis!r}"
-        raise TypeError(msg)
-    if len(sizes) != n_axes:
+    if len(sizes) != len(check_axis(axis)):
         msg = (
             f"`num_features` {num_features!r} must give one size per channel axis "
             f"(`axis` is {axis!r})"
         )
         raise ValueError(msg)
     return tuple(sizes)
+
+
+def _namespace(xp: object) -> Namespace:
+    """The array API namespace of an array library given as a module (``numpy``,
+    ``torch``, ``jax.numpy``, ...)."""
+    try:
+        return array_namespace(xp.zeros(0))  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        msg = f"`xp` must be an array library such as numpy, got {xp!r:.80}"
+        raise TypeError(msg) from None
+
+
+def _is_real_floating(dtype: object, xp: Namespace) -> bool:
+    # JAX and Dask also take dtype names, the other libraries do not: refuse them all.
+    if isinstance(dtype, str):
+        return False
+    try:
+        # NumPy compares an array_api_strict dtype with its own, which warns.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return bool(xp.isdtype(dtype, "real floating"))
+    except (AttributeError, TypeError):  # a dtype of another library
+        return False
 
 
 class BatchNorm:
@@ -78,7 +111,8 @@ class BatchNorm:
         convention; Keras's ``momentum=0.99`` is ``0.01`` here). None: a
         cumulative average over all batches.
     affine : bool, default True
-        Whether to learn γ (``weight``, ones) and β (``bias``, zeros).
+        Whether to learn γ (``weight``, ones) and β (``bias``, zeros). A
+        Python or NumPy bool, as is `track_running_stats`.
     track_running_stats : bool, default True
         Whether to keep ``running_mean`` (zeros), ``running_var`` (ones) and
         ``num_batches_tracked``. Without them the layer uses batch statistics
@@ -89,10 +123,12 @@ class BatchNorm:
     device : device, optional
         Where to create the parameters. Default: the library's default device.
     dtype : dtype, optional
-        Real floating dtype of the parameters and statistics. Default: the
-        library's default floating dtype (float64 for NumPy, float32 for
-        PyTorch). Inputs of another floating dtype are accepted: the
-        computation runs in the input's dtype (float32 for 16-bit inputs).
+        Real floating dtype of the parameters and statistics, a dtype object
+        of the library `xp` (``torch.float64``, not ``numpy.float64`` or
+        ``"float64"``). Default: the library's default floating dtype (float64
+        for NumPy, float32 for PyTorch). Inputs of another floating dtype are
+        accepted: the computation runs in the input's dtype (float32 for
+        16-bit inputs).
 
     Attributes
     ----------
@@ -102,6 +138,28 @@ class BatchNorm:
     training : bool
     grad_weight, grad_bias : array or None
         Set by :meth:`backward` when `affine`.
+
+    Raises
+    ------
+    TypeError
+        A `num_features`, `axis`, `eps`, `momentum` or flag of the wrong type;
+        an `xp` that is not an array library; a `dtype` that is not a real
+        floating dtype of `xp`.
+    ValueError
+        A `num_features` that is not positive or does not give one size per
+        channel axis; `eps` or `momentum` out of range.
+
+    Notes
+    -----
+    ``copy.deepcopy(layer)`` and ``copy.copy(layer)`` keep everything, also
+    what the last call saved for :meth:`backward` (the copy can call it; a
+    deep copy copies the last input too). ``pickle`` keeps the parameters,
+    statistics, gradients, mode, ``num_batches_tracked`` and the library (by
+    module name: the unpickling process must be able to import it), but not
+    the saved forward pass: it holds the last input, which a checkpoint
+    should not carry. An unpickled layer needs a call before :meth:`backward`;
+    its arrays are where the library unpickles them (JAX: on its default
+    device).
 
     Examples
     --------
@@ -118,6 +176,10 @@ class BatchNorm:
     >>> layer.num_batches_tracked
     1
     >>> y_eval = layer.eval()(x[:1])  # a single sample works with running statistics
+    >>> import pickle
+    >>> restored = pickle.loads(pickle.dumps(layer))
+    >>> restored.num_batches_tracked, restored.training
+    (1, False)
     """
 
     def __init__(
@@ -137,28 +199,23 @@ class BatchNorm:
         self.axis = axis
         self.eps = check_eps(eps)
         self.momentum = check_momentum(momentum)
-        for name, flag in [
-            ("affine", affine),
-            ("track_running_stats", track_running_stats),
-        ]:
-            if not isinstance(flag, bool):
-                msg = f"`{name}` must be a bool, got {flag!r}"
-                raise TypeError(msg)
-        self.affine = affine
-        self.track_running_stats = track_running_stats
+        self.affine = check_bool(affine, "affine")
+        self.track_running_stats = check_bool(
+            track_running_stats, "track_running_stats"
+        )
         if xp is None:
             import numpy
 
             xp = numpy
-        try:
-            self._xp: Namespace = array_namespace(xp.zeros(0))
-        except (AttributeError, TypeError):
-            msg = f"`xp` must be an array library such as numpy, got {xp!r:.80}"
-            raise TypeError(msg) from None
-        probe = self._xp.zeros(0, device=device)
-        dtype = probe.dtype if dtype is None else dtype
-        if not self._xp.isdtype(dtype, "real floating"):
-            msg = f"`dtype` must be a real floating dtype, got {dtype!r}"
+        self._xp: Namespace = _namespace(xp)
+        if dtype is None:
+            dtype = self._xp.zeros(0, device=device).dtype
+        elif not _is_real_floating(dtype, self._xp):
+            library = getattr(xp, "__name__", "xp")
+            msg = (
+                f"`dtype` must be a real floating dtype of {library} (such as "
+                f"{library}.float32), got {dtype!r}"
+            )
             raise TypeError(msg)
 
         def full(value: float) -> Array:
@@ -186,12 +243,31 @@ class BatchNorm:
             f"track_running_stats={self.track_running_stats})"
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_xp"] = self._xp.__name__  # modules cannot be pickled
+        state["_ctx"] = None  # it holds the last input: no place in a checkpoint
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _xp=importlib.import_module(state["_xp"]))
+
+    def __copy__(self) -> BatchNorm:
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BatchNorm:
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for name, value in self.__dict__.items():
+            setattr(clone, name, value if name == "_xp" else copy.deepcopy(value, memo))
+        return clone
+
     def train(self, mode: bool = True) -> BatchNorm:
-        """Switch to training mode (batch statistics, running-statistics updates)."""
-        if not isinstance(mode, bool):
-            msg = f"`mode` must be a bool, got {mode!r}"
-            raise TypeError(msg)
-        self.training = mode
+        """Switch to training mode (batch statistics, running-statistics updates),
+        or with ``mode=False`` (a Python or NumPy bool) to inference mode."""
+        self.training = check_bool(mode, "mode")
         return self
 
     def eval(self) -> BatchNorm:
@@ -202,27 +278,28 @@ class BatchNorm:
     def __call__(self, x: Array) -> Array:
         """Normalize `x` in the current mode; in training mode, also update the
         running statistics and ``num_batches_tracked``."""
-        xp = namespace_of({"x": x})
-        check_x(x, xp)
-        kept = normalize_axis(self.axis, x.ndim)
-        channel_shape = tuple(x.shape[a] for a in kept)
-        if channel_shape != self.channel_shape:
-            msg = (
-                f"`x` of shape {tuple(x.shape)} has {channel_shape} features along "
-                f"axis {self.axis!r}, but the layer was built for {self.channel_shape}"
-            )
-            raise ValueError(msg)
         use_batch_stats = self.training or not self.track_running_stats
-        y, ctx = batch_norm_forward(
-            x,
-            self.weight,
-            self.bias,
-            axis=self.axis,
-            eps=self.eps,
-            training=use_batch_stats,
-            running_mean=None if use_batch_stats else self.running_mean,
-            running_var=None if use_batch_stats else self.running_var,
-        )
+        try:
+            y, ctx = batch_norm_forward(
+                x,
+                self.weight,
+                self.bias,
+                axis=self.axis,
+                eps=self.eps,
+                training=use_batch_stats,
+                running_mean=None if use_batch_stats else self.running_mean,
+                running_var=None if use_batch_stats else self.running_var,
+            )
+        except (TypeError, ValueError):
+            # The forward also compares `x` with the layer's arrays; the layer's
+            # own checks of `x` come first, so that a wrong feature count says so.
+            try:
+                self._check_input(x)
+            except (TypeError, ValueError) as error:
+                raise error from None
+            raise
+        if tuple(ctx.mean.shape) != self.channel_shape:  # no arrays compared it
+            self._check_input(x)
         if self.training and self.track_running_stats:
             count = self.num_batches_tracked + 1
             new_mean, new_var = update_running_stats(
@@ -236,6 +313,20 @@ class BatchNorm:
             self.num_batches_tracked = count
         self._ctx = ctx
         return y
+
+    def _check_input(self, x: Array) -> None:
+        """The layer's checks of an input, made only where the forward fails or
+        gives statistics of another shape than the layer's."""
+        xp = namespace_of({"x": x})
+        check_x(x, xp)
+        kept = normalize_axis(self.axis, x.ndim)
+        channel_shape = tuple(x.shape[a] for a in kept)
+        if channel_shape != self.channel_shape:
+            msg = (
+                f"`x` of shape {tuple(x.shape)} has {channel_shape} features along "
+                f"axis {self.axis!r}, but the layer was built for {self.channel_shape}"
+            )
+            raise ValueError(msg)
 
     def backward(self, dy: Array) -> Array:
         """Gradient with respect to the last call's input; stores ``grad_weight``
@@ -260,33 +351,80 @@ class BatchNorm:
             keys += ["running_mean", "running_var", "num_batches_tracked"]
         return keys
 
-    def state_dict(self) -> dict[str, Array]:
+    def state_dict(self, *, xp: Any = None) -> dict[str, Array]:
         """The parameters and statistics under PyTorch's key names.
 
         ``num_batches_tracked`` is a 0-d int64 array, as in PyTorch.
+
+        Parameters
+        ----------
+        xp : namespace, optional
+            Array library of the returned arrays: ``xp=torch`` gives a state
+            dict that ``torch.nn.BatchNorm2d.load_state_dict`` takes, whatever
+            the layer's library. Arrays of another library than the layer's
+            are copies (made through NumPy) in the layer's dtypes, on that
+            library's default device. Default: the layer's own library; the
+            arrays are then the layer's own, not copies (the layer never
+            writes into them).
+
+        Raises
+        ------
+        TypeError
+            An `xp` that is not an array library.
+
+        Examples
+        --------
+        For PyTorch, ``torch.nn.BatchNorm1d(2).load_state_dict(
+        layer.state_dict(xp=torch))``; here a NumPy layer's state:
+
+        >>> import numpy as np
+        >>> import bnarray as bn
+        >>> layer = bn.BatchNorm(2)
+        >>> state = layer.state_dict(xp=np)
+        >>> list(state)
+        ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
+        >>> state["num_batches_tracked"]
+        array(0)
         """
-        state = {key: getattr(self, key) for key in self._state_keys()}
-        if "num_batches_tracked" in state:
-            like = self.running_mean
-            state["num_batches_tracked"] = self._xp.asarray(
-                self.num_batches_tracked, dtype=self._xp.int64, device=_device_of(like)
-            )
+        target = self._xp if xp is None else _namespace(xp)
+        state = {}
+        for key in self._state_keys():
+            if key == "num_batches_tracked":
+                like = self.running_mean if target is self._xp else None
+                state[key] = target.asarray(
+                    self.num_batches_tracked,
+                    dtype=target.int64,
+                    device=_device_of(like),
+                )
+            elif target is self._xp:
+                state[key] = getattr(self, key)
+            else:
+                state[key] = target.asarray(_to_numpy(getattr(self, key)), copy=True)
         return state
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], *, strict: bool = True
     ) -> None:
         """Load parameters and statistics saved by :meth:`state_dict` or by a
-        PyTorch ``BatchNorm*d`` (CPU tensors or NumPy arrays are converted).
+        PyTorch ``BatchNorm*d``.
 
-        Values are copied into the layer's library, device and dtypes. Nothing
-        is changed if any entry is rejected.
+        Values are copied into the layer's library, device and dtypes. Values of
+        another library pass through NumPy: NumPy arrays, CPU tensors (also
+        those that require grad, as in ``dict(module.named_parameters())``),
+        sequences of numbers. ``num_batches_tracked`` may be a Python or NumPy
+        integer or a 0-d integer array. Nothing is changed if any entry is
+        rejected.
 
         Raises
         ------
+        TypeError
+            An entry that is not an array of real numbers (complex, bool,
+            strings, None) or that cannot be converted; a
+            ``num_batches_tracked`` that is not an integer (floats such as
+            ``2.7`` or ``2.0`` included).
         ValueError
-            Missing or unexpected keys (with ``strict=True``), or an entry of
-            the wrong shape.
+            Missing or unexpected keys (with ``strict=True``), an entry of the
+            wrong shape, a negative ``num_batches_tracked``.
         """
         if not isinstance(state_dict, Mapping):
             msg = f"`state_dict` must be a mapping, got {type(state_dict).__name__}"
@@ -303,15 +441,13 @@ class BatchNorm:
                 continue
             value = state_dict[key]
             if key == "num_batches_tracked":
-                count = int(value)
+                count = check_integer(value, f"state_dict[{key!r}]")
                 if count < 0:
-                    msg = (
-                        f"`state_dict['num_batches_tracked']` must be >= 0, got {count}"
-                    )
+                    msg = f"`state_dict[{key!r}]` must be >= 0, got {count}"
                     raise ValueError(msg)
                 new[key] = count
                 continue
-            array = _convert(value, getattr(self, key), self._xp)
+            array = _convert(value, key, getattr(self, key), self._xp)
             if tuple(array.shape) != self.channel_shape:
                 msg = (
                     f"`state_dict[{key!r}]` must have shape {self.channel_shape}, got "
@@ -327,13 +463,39 @@ def _device_of(a: Array | None) -> Device:
     return None if a is None else device(a)
 
 
-def _convert(value: Any, like: Array, xp: Namespace) -> Array:
-    """A copy of `value` in the library, device and dtype of `like`.
+def _to_numpy(value: Any) -> Any:
+    """`value` as a NumPy array, the way between two libraries."""
+    import numpy
 
-    Arrays of another library (PyTorch CPU tensors, say) pass through NumPy.
-    """
-    if is_array_api_obj(value) and library_name(value) != library_name(like):
-        import numpy
+    if is_torch_array(value):
+        value = value.detach()  # tensors that require grad refuse the conversion
+    return numpy.asarray(value)
 
-        value = numpy.asarray(value)
-    return xp.asarray(value, dtype=like.dtype, device=device(like), copy=True)
+
+def _convert(value: Any, key: str, like: Array, xp: Namespace) -> Array:
+    """A copy of the state-dict entry `value` in the library, device and dtype of
+    `like`."""
+    array: Any = value.detach() if is_torch_array(value) else value
+    if not (is_array_api_obj(array) and library_name(array) == library_name(like)):
+        try:
+            array = _to_numpy(array)
+        except (TypeError, ValueError, RuntimeError) as error:
+            msg = (
+                f"`state_dict[{key!r}]` must be an array or a sequence of numbers, "
+                f"got {type(value).__name__} that NumPy cannot convert ({error}): "
+                f"{value!r:.80}"
+            )
+            raise TypeError(msg) from None
+    try:
+        real = array_namespace(array).isdtype(
+            array.dtype, ("real floating", "integral")
+        )
+    except TypeError:  # NumPy's object and string dtypes
+        real = False
+    if not real:
+        msg = (
+            f"`state_dict[{key!r}]` must hold real numbers, got dtype {array.dtype}: "
+            f"{value!r:.80}"
+        )
+        raise TypeError(msg)
+    return xp.asarray(array, dtype=like.dtype, device=device(like), copy=True)
