@@ -66,7 +66,7 @@ plot_pre_code = (
     "import numpy as np\nimport matplotlib.pyplot as plt\nimport bnarray as bn"
 )
 
-myst_enable_extensions = ["dollarmath"]
+myst_enable_extensions = ["dollarmath", "deflist"]
 myst_heading_anchors = 2
 
 html_theme = "furo"
