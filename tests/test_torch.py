@@ -386,3 +386,15 @@ def test_torch_compile_of_forward_and_backward_equals_eager(backend_name):
     compiled = torch.compile(step, backend=backend_name)
     for got, want in zip(compiled(x, w, b, dy), step(x, w, b, dy), strict=True):
         assert_torch_close(got, want, tol=1e-12)
+
+
+def test_load_state_dict_refuses_a_tensor_without_data():
+    layer = bn.BatchNorm(3, axis=1)
+    with pytest.raises(
+        TypeError, match=r"`state_dict\['bias'\]` could not be read.*meta"
+    ):
+        layer.load_state_dict(
+            {"weight": np.full(3, 2.0), "bias": torch.ones(3, device="meta")},
+            strict=False,
+        )
+    np.testing.assert_array_equal(layer.weight, np.ones(3))

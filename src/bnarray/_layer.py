@@ -16,6 +16,7 @@ from ._compat import (
     array_namespace,
     device,
     is_array_api_obj,
+    is_cupy_array,
     is_torch_array,
 )
 from ._core import (
@@ -362,8 +363,8 @@ class BatchNorm:
             Array library of the returned arrays: ``xp=torch`` gives a state
             dict that ``torch.nn.BatchNorm2d.load_state_dict`` takes, whatever
             the layer's library. Arrays of another library than the layer's
-            are copies (made through NumPy) in the layer's dtypes, on that
-            library's default device. Default: the layer's own library; the
+            are copies (made through NumPy, from any device) in the layer's
+            dtypes, on that library's default device. Default: the layer's own library; the
             arrays are then the layer's own, not copies (the layer never
             writes into them).
 
@@ -409,9 +410,9 @@ class BatchNorm:
         PyTorch ``BatchNorm*d``.
 
         Values are copied into the layer's library, device and dtypes. Values of
-        another library pass through NumPy: NumPy arrays, CPU tensors (also
-        those that require grad, as in ``dict(module.named_parameters())``),
-        sequences of numbers. ``num_batches_tracked`` may be a Python or NumPy
+        another library pass through NumPy: NumPy arrays, PyTorch tensors
+        (also those that require grad, as in
+        ``dict(module.named_parameters())``), sequences of numbers. ``num_batches_tracked`` may be a Python or NumPy
         integer or a 0-d integer array. Nothing is changed if any entry is
         rejected.
 
@@ -467,8 +468,12 @@ def _to_numpy(value: Any) -> Any:
     """`value` as a NumPy array, the way between two libraries."""
     import numpy
 
+    # Tensors that require grad or live on a GPU refuse the conversion, and so
+    # do CuPy arrays (no implicit copies to the host).
     if is_torch_array(value):
-        value = value.detach()  # tensors that require grad refuse the conversion
+        value = value.detach().cpu()
+    elif is_cupy_array(value):
+        value = value.get()
     return numpy.asarray(value)
 
 
@@ -481,9 +486,8 @@ def _convert(value: Any, key: str, like: Array, xp: Namespace) -> Array:
             array = _to_numpy(array)
         except (TypeError, ValueError, RuntimeError) as error:
             msg = (
-                f"`state_dict[{key!r}]` must be an array or a sequence of numbers, "
-                f"got {type(value).__name__} that NumPy cannot convert ({error}): "
-                f"{value!r:.80}"
+                f"`state_dict[{key!r}]` could not be read as an array of numbers "
+                f"({type(value).__name__}: {error}): {value!r:.80}"
             )
             raise TypeError(msg) from None
     try:
