@@ -25,7 +25,7 @@ operations promote it value by value (``x - mean`` is float32 for float16
 
 from __future__ import annotations
 
-import math
+from types import EllipsisType
 
 from ._compat import Array, Namespace
 
@@ -81,18 +81,25 @@ def _sum_axis(a: Array, axis: int, xp: Namespace) -> Array:
     if n <= _SUM_TERMS:
         return xp.sum(a, axis=axis, keepdims=True)
     blocks = n // _SUM_TERMS
-    head = (slice(None),) * axis
+    cut = blocks * _SUM_TERMS
+
+    def along_axis(part: slice) -> tuple[slice | EllipsisType, ...]:
+        return (slice(None),) * axis + (part, ...)
+
     split = (*a.shape[:axis], blocks, _SUM_TERMS, *a.shape[axis + 1 :])
-    body = xp.reshape(a[(*head, slice(0, blocks * _SUM_TERMS), ...)], split)
+    body = xp.reshape(a[along_axis(slice(0, cut))], split)
     total = _sum_axis(xp.sum(body, axis=axis + 1), axis, xp)
-    if blocks * _SUM_TERMS < n:
-        tail = a[(*head, slice(blocks * _SUM_TERMS, n), ...)]
+    if cut < n:
+        tail = a[along_axis(slice(cut, n))]
         total = total + xp.sum(tail, axis=axis, keepdims=True)
     return total
 
 
 def _count(x: Array, reduce_axes: tuple[int, ...]) -> float:
-    return float(math.prod(int(x.shape[a]) for a in reduce_axes))
+    count = 1
+    for a in reduce_axes:  # a loop, not a generator: torch.compile(fullgraph=True)
+        count *= int(x.shape[a])
+    return float(count)
 
 
 def batch_stats(
