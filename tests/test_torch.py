@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 from checks import assert_like
@@ -398,3 +400,19 @@ def test_load_state_dict_refuses_a_tensor_without_data():
             strict=False,
         )
     np.testing.assert_array_equal(layer.weight, np.ones(3))
+
+
+def test_layer_running_stats_carry_no_autograd_graph_between_steps():
+    """Inputs that require grad (the output of an earlier layer) leave the layer's
+    running statistics without a graph, as PyTorch's buffers are: a graph kept
+    from step to step would grow without end, and copies of the layer fail."""
+    layer = bn.BatchNorm(3, axis=1, xp=torch, dtype=torch.float64)
+    for step in range(3):
+        x = make((5, 3, 4, 4), seed=50 + step)[0].requires_grad_(True)
+        y = layer(x * 2.0)
+        y.sum().backward()  # autograd through the forward still works
+        assert x.grad is not None
+    assert not layer.running_mean.requires_grad
+    assert not layer.running_var.requires_grad
+    assert layer.running_mean.grad_fn is None
+    copy.deepcopy(layer)

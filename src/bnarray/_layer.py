@@ -153,8 +153,10 @@ class BatchNorm:
     Notes
     -----
     ``copy.deepcopy(layer)`` and ``copy.copy(layer)`` keep everything, also
-    what the last call saved for :meth:`backward` (the copy can call it; a
-    deep copy copies the last input too). ``pickle`` keeps the parameters,
+    what the last call saved for :meth:`backward` (the copy can call it). A
+    deep copy shares that saved forward pass with the original rather than
+    copying it: bnarray never writes it, and it holds the last input, whose
+    autograd graph PyTorch would refuse to copy. ``pickle`` keeps the parameters,
     statistics, gradients, mode, ``num_batches_tracked`` and the library (by
     module name: the unpickling process must be able to import it), but not
     the saved forward pass: it holds the last input, which a checkpoint
@@ -262,7 +264,8 @@ class BatchNorm:
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         for name, value in self.__dict__.items():
-            setattr(clone, name, value if name == "_xp" else copy.deepcopy(value, memo))
+            shared = name in ("_xp", "_ctx")  # a module; a read-only record
+            setattr(clone, name, value if shared else copy.deepcopy(value, memo))
         return clone
 
     def train(self, mode: bool = True) -> BatchNorm:
@@ -310,7 +313,12 @@ class BatchNorm:
                 momentum=self.momentum,
                 num_batches_tracked=count,
             )
-            self.running_mean, self.running_var = new_mean, new_var
+            # Statistics, not parameters: like PyTorch's buffers they carry no
+            # autograd graph from step to step (it would grow without end).
+            self.running_mean, self.running_var = (
+                _detached(new_mean),
+                _detached(new_var),
+            )
             self.num_batches_tracked = count
         self._ctx = ctx
         return y
@@ -458,6 +466,11 @@ class BatchNorm:
             new[key] = array
         for key, value in new.items():
             setattr(self, key, value)
+
+
+def _detached(a: Array) -> Array:
+    """`a` without an autograd graph (PyTorch tensors); other arrays as they are."""
+    return a.detach() if is_torch_array(a) else a
 
 
 def _device_of(a: Array | None) -> Device:
