@@ -29,9 +29,7 @@ TORCH = "torch==2.13.0"
 # and of the optional Numba.
 OLDEST = {"numpy": "1.26.0", "array-api-compat": "1.13.0"}
 OLDEST_NUMBA = {"numba": "0.60.0"}
-# mypy 2.4 takes `a[(*head, index)]` (valid since Python 3.5) for the 3.11-only
-# `a[*head, index]` under python_version = "3.10"; 1.20 reads it right.
-LINTERS = ["ruff==0.17.6", "mypy==1.20.2"]
+LINTERS = ["ruff==0.17.6", "mypy==2.4.1"]
 WORKFLOW_CHECKERS = ["check-jsonschema==0.39.0", "zizmor==1.32.0", "pre-commit==4.7.0"]
 PACKAGING = [
     "build==1.6.1",
