@@ -299,9 +299,11 @@ def _column_sums(d: np.ndarray, ones: np.ndarray) -> np.ndarray:
     """Column sums of a float32/float64 (a, c) array, as float64 (c,)."""
     a, c = d.shape
     full = a - a % _SUM_ROWS
+    sums: np.ndarray
     if full == 0:
-        return (ones[:a] @ d).astype(np.float64)
-    sums: np.ndarray = (ones[:_SUM_ROWS] @ d[:full].reshape(-1, _SUM_ROWS, c)).sum(
+        sums = (ones[:a] @ d).astype(np.float64)
+        return sums
+    sums = (ones[:_SUM_ROWS] @ d[:full].reshape(-1, _SUM_ROWS, c)).sum(
         axis=0, dtype=np.float64
     )
     if full < a:
