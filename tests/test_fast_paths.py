@@ -15,7 +15,7 @@ import pytest
 
 import bnarray as bn
 from bnarray import _math
-from bnarray._fast import FORCE_GENERIC_ENV, NUMBA_ENV, _numpy, kernels_for
+from bnarray._fast import FORCE_GENERIC_ENV, NUMBA_ENV, _cpu, _numpy, kernels_for
 
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
@@ -239,7 +239,7 @@ def test_any_number_of_threads_gives_the_same_outputs_every_time(
     # The runs of blocks go to whichever thread is free: every element must be
     # written once, with the generic path's roundings, and the sums must not
     # depend on which thread took which run.
-    monkeypatch.setattr(_numpy, "_num_threads", lambda: threads)
+    monkeypatch.setattr(_cpu, "num_threads", lambda: threads)
     x, dy, *_ = _inputs(shape, axis, np.float32)
     reduce_axes = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
     mean, var = _math.batch_stats(x, reduce_axes, xp=np_compat)
@@ -371,7 +371,7 @@ def test_other_namespaces_get_the_generic_kernels(monkeypatch):
 )
 def test_blocks_tile_the_array_exactly_once(shape):
     covered = np.zeros(shape, dtype=np.int8)
-    for box in _numpy._blocks(shape):
+    for box in _cpu.blocks(shape):
         covered[box] += 1
     assert (covered == 1).all()
 
@@ -380,7 +380,7 @@ THREADED_SHAPE = (64, 37, 4096)  # 64 blocks: 16 runs over 4 threads
 
 
 def test_threads_return_the_partial_results_in_the_order_of_the_blocks(monkeypatch):
-    monkeypatch.setattr(_numpy, "_num_threads", lambda: 4)
+    monkeypatch.setattr(_cpu, "num_threads", lambda: 4)
     threads = set()
 
     def work(blocks):
@@ -390,7 +390,7 @@ def test_threads_return_the_partial_results_in_the_order_of_the_blocks(monkeypat
 
     runs = _numpy._run(work, THREADED_SHAPE)
     assert len(runs) == 16
-    assert [box for run in runs for box in run] == _numpy._blocks(THREADED_SHAPE)
+    assert [box for run in runs for box in run] == _cpu.blocks(THREADED_SHAPE)
     assert len(threads) > 1
 
 
@@ -407,8 +407,8 @@ def test_the_caller_does_not_wait_for_pool_threads_that_start_too_late(
             self.tasks.append(fn)
 
     pool = LatePool()
-    monkeypatch.setattr(_numpy, "_executor", lambda: pool)
-    monkeypatch.setattr(_numpy, "_num_threads", lambda: 4)
+    monkeypatch.setattr(_cpu, "executor", lambda: pool)
+    monkeypatch.setattr(_cpu, "num_threads", lambda: 4)
     x = _inputs((6, 37, 4099), 1, np.float32)[0]
     mean, var = _math.batch_stats(x, (0, 2), xp=np_compat)
     y = numpy_kernels.normalize(x, mean, var, mean, xp=np_compat)
@@ -423,7 +423,7 @@ def test_the_caller_does_not_wait_for_pool_threads_that_start_too_late(
     runs = _numpy._run(
         lambda blocks: calls.append(blocks) or len(blocks), (6, 37, 4099)
     )
-    assert sum(runs) == len(_numpy._blocks((6, 37, 4099)))
+    assert sum(runs) == len(_cpu.blocks((6, 37, 4099)))
     for task in pool.tasks[3:]:
         task()
     assert len(calls) == len(runs)
@@ -433,7 +433,7 @@ def test_the_caller_does_not_wait_for_pool_threads_that_start_too_late(
 def test_an_error_in_any_thread_reaches_the_caller_once_every_thread_is_done(
     monkeypatch, failing_thread
 ):
-    monkeypatch.setattr(_numpy, "_num_threads", lambda: 4)
+    monkeypatch.setattr(_cpu, "num_threads", lambda: 4)
     caller = threading.get_ident()
     lock = threading.Lock()
     pool_started = threading.Event()

@@ -29,8 +29,7 @@ from numba.extending import intrinsic, overload
 from .. import _math
 from .._compat import Array, Namespace
 from .._math import backward_scales, forward_scales, running_update
-from . import _numpy
-from ._numpy import _channel_shape, _view3
+from . import _cpu, _numpy
 
 # The per-channel arithmetic (backward_scales, forward_scales, running_update)
 # has nothing to gain on the CPU: the generic one serves.
@@ -196,8 +195,8 @@ def _fold(s1: Any, s2: Any, width: int, c0: int, out: Any) -> None:
 
 
 # The statistics and the gradient sums are one reduction: Σ u and Σ u·d with
-# d = x − ref, where u = d for the statistics (`dy` None; ref is the shift of
-# ``_numpy._shift``) and u = dy for the gradient sums (ref is the mean).
+# d = x − ref, where u = d for the statistics (`dy` None; ref is the value of
+# ``_cpu.reference``) and u = dy for the gradient sums (ref is the mean).
 # Numba compiles the two apart (a None `dy` removes its branches).
 
 
@@ -234,7 +233,7 @@ def _sums_rows(
     x: Any, ref: Any, dy: Any, bounds: Any, runs: Any, counter: Any, sums: Any
 ) -> None:
     # Over the (A, C·B) view (channels last, or small images; see
-    # ``_numpy._row_repeat``), in stretches of whole rows (see `_STRETCH`):
+    # ``_cpu.row_repeat``), in stretches of whole rows (see `_STRETCH`):
     # one accumulator per element of a stretch, folded into the sums at the
     # end of each block, after at most 510 terms (a block has at most 2**17
     # elements, a stretch at least 257).
@@ -418,8 +417,8 @@ def _layout(
 ) -> tuple[np.ndarray, int, Any]:
     """The view of an (A, C, B) array the loops run over, its columns per
     channel and the loop: the rows loops for rows of C·B values (channels last,
-    small images; see ``_numpy._as_rows``), else the blocks loops."""
-    xs, r = _numpy._as_rows(x3)
+    small images; see ``_cpu.as_rows``), else the blocks loops."""
+    xs, r = _cpu.as_rows(x3)
     return xs, r, rows_loop if xs.shape[2] == 1 else blocks_loop
 
 
@@ -486,9 +485,9 @@ def _schedule(
     Cached: a training loop calls the kernels on the same shapes again and
     again. The arrays are read-only.
     """
-    blocks = _numpy._blocks(shape)
-    n = _numpy._thread_count(shape, len(blocks), threads=threads)
-    lengths = [len(run) for run in _numpy._split(blocks, _numpy._RUNS_PER_THREAD * n)]
+    blocks = _cpu.blocks(shape)
+    n = _cpu.thread_count(shape, len(blocks), threads=threads)
+    lengths = [len(run) for run in _cpu.split(blocks, _cpu.RUNS_PER_THREAD * n)]
     # The first block of each run, then the end.
     runs = np.cumsum([0, *lengths], dtype=np.int64)
     bounds = np.array(
@@ -515,10 +514,10 @@ def _in_parallel(
     partial sums; the rows are added in the order of the runs, so the result
     does not depend on which thread took which run.
     """
-    n, bounds, runs = _schedule(tuple(shape), _numpy._num_threads())
+    n, bounds, runs = _schedule(tuple(shape), _cpu.num_threads())
     counter = np.zeros(1, dtype=np.int64)
     sums = [np.zeros((len(runs) - 1, 2, channels))] if channels else []
-    _numpy._on_threads(lambda: loop(*args, bounds, runs, counter, *sums), n)
+    _cpu.on_threads(lambda: loop(*args, bounds, runs, counter, *sums), n)
     return sums[0].sum(axis=0) if channels else None
 
 
@@ -527,23 +526,23 @@ def batch_stats(
 ) -> tuple[Array, Array]:
     """Per-channel mean and biased variance: see :func:`bnarray._math.batch_stats`.
 
-    One pass over memory: the deviations from a per-channel shift (see
-    ``_numpy._shift``), and their squares, are summed in the
+    One pass over memory: the deviations from a per-channel reference value
+    (see ``_cpu.reference``), and their squares, are summed in the
     compute dtype over runs of at most 4096 values, and the runs in float64.
     """
     if x.dtype == np.float16 and not HARDWARE_HALF:
         return _numpy.batch_stats(x, reduce_axes, xp=xp)
-    channel_shape = _channel_shape(x, reduce_axes)
-    x3 = _view3(x, channel_shape)
+    channel_shape = _cpu.broadcast_shape(x, reduce_axes)
+    x3 = _cpu.view3(x, channel_shape)
     if x3 is None:
         return _math.batch_stats(x, reduce_axes, xp=xp)
     dtype = np.promote_types(x.dtype, np.float32)  # _math.compute_dtype
-    shift = _numpy._shift(x3, dtype)
+    ref = _cpu.reference(x3, dtype)
     xs, r, loop = _layout(x3, _sums_blocks, _sums_rows)
-    shifts = _channel_values(shift, xs, r, dtype)
-    sums = _in_parallel(loop, xs.shape, _bits(xs), shifts, None, channels=xs.shape[1])
-    sums = _numpy._fold_columns(sums, r)
-    return _numpy._stats_from_sums(sums, shift, x3, channel_shape)
+    refs = _channel_values(ref, xs, r, dtype)
+    sums = _in_parallel(loop, xs.shape, _bits(xs), refs, None, channels=xs.shape[1])
+    sums = _cpu.fold_columns(sums, r)
+    return _cpu.stats_from_sums(sums, ref, x3, channel_shape)
 
 
 def normalize(
@@ -552,7 +551,7 @@ def normalize(
     """``(x - mean) * scale + shift``: see :func:`bnarray._math.normalize`."""
     if x.dtype == np.float16 and not HARDWARE_HALF:
         return _numpy.normalize(x, mean, scale, shift, xp=xp)
-    x3 = _view3(x, tuple(mean.shape))
+    x3 = _cpu.view3(x, tuple(mean.shape))
     if x3 is None:
         return _math.normalize(x, mean, scale, shift, xp=xp)
     dtype = np.dtype(mean.dtype)
@@ -572,9 +571,9 @@ def grad_sums(
     """Per-channel ``Σ dy`` and ``Σ dy · (x - mean)``: see :func:`bnarray._math.grad_sums`."""
     if x.dtype == np.float16 and not HARDWARE_HALF:
         return _numpy.grad_sums(dy, x, mean, reduce_axes, xp=xp)
-    channel_shape = _channel_shape(x, reduce_axes)
-    x3 = _view3(x, channel_shape)
-    dy3 = _view3(dy, channel_shape)
+    channel_shape = _cpu.broadcast_shape(x, reduce_axes)
+    x3 = _cpu.view3(x, channel_shape)
+    dy3 = _cpu.view3(dy, channel_shape)
     if x3 is None or dy3 is None or dy.dtype != x.dtype:
         return _math.grad_sums(dy, x, mean, reduce_axes, xp=xp)
     dtype = np.dtype(mean.dtype)
@@ -582,7 +581,7 @@ def grad_sums(
     means = _channel_values(mean, xs, r, dtype)
     dyb = _bits(dy3.reshape(xs.shape))
     sums = _in_parallel(loop, xs.shape, _bits(xs), means, dyb, channels=xs.shape[1])
-    sums = _numpy._fold_columns(sums, r)
+    sums = _cpu.fold_columns(sums, r)
     return (
         sums[0].astype(dtype).reshape(channel_shape),
         sums[1].astype(dtype).reshape(channel_shape),
@@ -603,8 +602,8 @@ def grad_input(
     :func:`bnarray._math.grad_input`."""
     if x.dtype == np.float16 and not HARDWARE_HALF:
         return _numpy.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp)
-    x3 = _view3(x, tuple(mean.shape))
-    dy3 = _view3(dy, tuple(mean.shape))
+    x3 = _cpu.view3(x, tuple(mean.shape))
+    dy3 = _cpu.view3(dy, tuple(mean.shape))
     if x3 is None or dy3 is None or dy.dtype != x.dtype:
         return _math.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp)
     dtype = np.dtype(mean.dtype)
