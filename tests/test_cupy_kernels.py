@@ -1,0 +1,245 @@
+"""The CuPy kernels give what the generic array-API path gives, on a GPU.
+
+Skipped, with the reason, where CuPy or a GPU is missing; what the kernels
+hand to CUDA is checked without a GPU by ``test_cuda_sources.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bnarray as bn
+from bnarray import _math
+from bnarray._fast import FORCE_GENERIC_ENV
+
+cupy = pytest.importorskip("cupy")
+if not cupy.is_available():
+    # CuPy wheels import without a GPU; only creating an array fails.
+    pytest.skip(
+        "CuPy is installed but no CUDA device is available", allow_module_level=True
+    )
+
+# (shape, axis): 2-D to 5-D, channels first and last, negative and tuple axes,
+# sizes that are not multiples of the block size, more than one block per
+# thread, a row longer than a block (channels first and last), small images
+# (few values per channel in a row; few and many channels), and layouts that
+# fall back to _math.
+LAYOUTS = [
+    ((1000, 7), -1),
+    ((40_000, 7), -1),
+    ((7, 1001), 0),
+    ((300, 5), 1),
+    ((5, 37, 301), 1),
+    ((129, 11, 3), -1),
+    ((3, 37, 41, 43), 1),
+    ((3, 41, 43, 37), -1),
+    ((3, 41, 43, 38), -1),
+    ((3, 37, 41, 43), -3),
+    ((2, 5, 7, 9, 11), 1),
+    ((2, 7, 9, 11, 5), -1),
+    ((2, 3, 140_001), 1),
+    ((64, 9, 3, 3), 1),
+    ((50, 300, 2, 2), 1),
+    ((4, 2000, 2, 2), 1),
+    ((8, 5, 6, 3), (1, 2)),
+    ((3, 140_001), -1),
+    ((4, 5, 6, 70), (1, 2)),
+    ((4, 5, 6, 70), (0, 2)),
+    ((4, 5, 6, 70), (-3, -1)),
+]
+DTYPES = [np.float64, np.float32, np.float16]
+# |fast - generic| <= TOL * max|generic| per output: a few roundings of the dtype.
+TOL = {np.float64: 1e-11, np.float32: 1e-5, np.float16: 4e-3}
+
+
+def _channel_shape(shape, axis):
+    kept = (axis,) if isinstance(axis, int) else axis
+    return tuple(shape[a] for a in kept)
+
+
+def _inputs(shape, axis, dtype, *, seed=0):
+    rng = np.random.default_rng(seed)
+    cs = _channel_shape(shape, axis)
+    x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 1.5, cs).astype(dtype)
+    b = rng.standard_normal(cs).astype(dtype)
+    rm = rng.standard_normal(cs).astype(dtype)
+    rv = rng.uniform(0.5, 2.0, cs).astype(dtype)
+    return x, dy, w, b, rm, rv
+
+
+def _run(x, dy, w, b, rm, rv, *, axis, training):
+    kwargs = (
+        {} if training else {"training": False, "running_mean": rm, "running_var": rv}
+    )
+    y, ctx = bn.batch_norm_forward(x, w, b, axis=axis, **kwargs)
+    dx, dw, db = bn.batch_norm_backward(dy, ctx)
+    out = {"y": y, "mean": ctx.mean, "var": ctx.var, "dx": dx, "dw": dw, "db": db}
+    if training and rm is not None:
+        out["running_mean"], out["running_var"] = bn.update_running_stats(rm, rv, ctx)
+    return out
+
+
+def _assert_matches(fast, generic, dtype):
+    for name, expected in generic.items():
+        actual = fast[name]
+        assert actual.dtype == expected.dtype, (name, actual.dtype, expected.dtype)
+        assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+        a, e = actual.astype(np.float64), expected.astype(np.float64)
+        scale = max(float(np.max(np.abs(e))), 1e-30)
+        err = float(np.max(np.abs(a - e))) / scale
+        assert err <= TOL[dtype], (name, err)
+
+
+@pytest.mark.parametrize(("shape", "axis"), LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_cupy_fast_path_matches_generic_path(
+    monkeypatch, shape, axis, dtype, training, affine
+):
+    arrays = [cupy.asarray(a) for a in _inputs(shape, axis, dtype)]
+    if not affine:
+        arrays[2] = arrays[3] = None
+    monkeypatch.delenv(FORCE_GENERIC_ENV, raising=False)
+    fast = _run(*arrays, axis=axis, training=training)
+    monkeypatch.setenv(FORCE_GENERIC_ENV, "1")
+    generic = _run(*arrays, axis=axis, training=training)
+    _assert_matches(
+        {k: cupy.asnumpy(v) for k, v in fast.items()},
+        {k: cupy.asnumpy(v) for k, v in generic.items()},
+        dtype,
+    )
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        # NHWC memory seen as NCHW, a strided slice, a reversed axis: the
+        # generic CUDA kernels serve what the contiguous kernels cannot.
+        lambda a: a.transpose(0, 3, 1, 2),
+        lambda a: a[:, ::2],
+        lambda a: a[::-1],
+    ],
+    ids=["transposed", "strided", "reversed"],
+)
+@pytest.mark.parametrize("training", [True, False])
+def test_cupy_fast_path_matches_generic_path_on_views(monkeypatch, view, training):
+    x, dy, *_ = _inputs((3, 41, 43, 37), -1, np.float32)
+    x, dy = (view(cupy.asarray(a)) for a in (x, dy))
+    _, _, w, b, rm, rv = (cupy.asarray(a) for a in _inputs(x.shape, 1, np.float32))
+    monkeypatch.delenv(FORCE_GENERIC_ENV, raising=False)
+    fast = _run(x, dy, w, b, rm, rv, axis=1, training=training)
+    monkeypatch.setenv(FORCE_GENERIC_ENV, "1")
+    generic = _run(x, dy, w, b, rm, rv, axis=1, training=training)
+    _assert_matches(
+        {k: cupy.asnumpy(v) for k, v in fast.items()},
+        {k: cupy.asnumpy(v) for k, v in generic.items()},
+        np.float32,
+    )
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("training", [True, False])
+def test_cupy_float16_channels_last_with_and_without_two_values_per_thread(
+    monkeypatch, offset, training
+):
+    # An even number of channels: aligned arrays take two float16 values per
+    # thread (one 32-bit access); arrays that start one value into their
+    # memory (contiguous, but 2-byte aligned) take one.
+    from bnarray._fast import _cupy as kernels
+
+    x, dy, w, b, rm, rv = _inputs((5, 7, 9, 38), -1, np.float16)
+
+    def device(a):
+        memory = cupy.empty(a.size + 1, dtype=a.dtype)  # aligned
+        view = memory[offset : offset + a.size].reshape(a.shape)
+        view[...] = cupy.asarray(a)
+        return view
+
+    x, dy = device(x), device(dy)
+    w, b, rm, rv = (cupy.asarray(a) for a in (w, b, rm, rv))
+    assert x.flags.c_contiguous and dy.flags.c_contiguous
+    view = (5 * 7 * 9, 38, 1)
+    assert kernels._two_per_thread(view, (x, dy)) == (offset == 0)
+    monkeypatch.delenv(FORCE_GENERIC_ENV, raising=False)
+    fast = _run(x, dy, w, b, rm, rv, axis=-1, training=training)
+    monkeypatch.setenv(FORCE_GENERIC_ENV, "1")
+    generic = _run(x, dy, w, b, rm, rv, axis=-1, training=training)
+    _assert_matches(
+        {k: cupy.asnumpy(v) for k, v in fast.items()},
+        {k: cupy.asnumpy(v) for k, v in generic.items()},
+        np.float16,
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_cupy_per_channel_kernels_match_the_generic_ones(dtype, training, affine):
+    # One launch each on CuPy, one array operation per step in _math: the same
+    # roundings in the same order, so equal to a rounding or two. Per-channel
+    # operands arrive as strided views and in the broadcast shape.
+    from bnarray._fast import _cupy as kernels
+
+    rng = np.random.default_rng(3)
+    shape = (1, 37, 1)
+
+    def channel(low, high):
+        values = rng.uniform(low, high, 2 * 37).astype(dtype)
+        return cupy.asarray(values)[::2].reshape(shape)
+
+    var, gamma = channel(0.0, 4.0), channel(-2.0, 2.0) if affine else None
+    sums = channel(-50.0, 50.0), channel(-50.0, 50.0)
+    rtol = 4 * np.finfo(dtype).eps
+    for fast, generic in [
+        (
+            kernels.forward_scales(var, gamma, 1e-3, xp=cupy),
+            _math.forward_scales(var, gamma, 1e-3, xp=cupy),
+        ),
+        (
+            kernels.backward_scales(
+                *sums, var, gamma, 1001, training=training, xp=cupy
+            ),
+            _math.backward_scales(*sums, var, gamma, 1001, training=training, xp=cupy),
+        ),
+    ]:
+        assert len(fast) == len(generic)
+        for a, e in zip(fast, generic, strict=True):
+            assert (a is None) == (e is None)
+            if e is not None:
+                assert a.shape == e.shape and a.dtype == e.dtype
+                np.testing.assert_allclose(cupy.asnumpy(a), cupy.asnumpy(e), rtol=rtol)
+
+
+@pytest.mark.parametrize(
+    ("running_dtype", "var_dtype"),
+    [
+        (np.float32, np.float32),
+        (np.float64, np.float64),
+        (np.float64, np.float32),  # the fused kernel converts the batch values
+        (np.float16, np.float16),  # float16 and mixed dtypes take the generic path
+        (np.float64, np.float16),
+    ],
+)
+def test_cupy_running_update_matches_the_generic_one(running_dtype, var_dtype):
+    from bnarray._fast import _cupy as kernels
+
+    rng = np.random.default_rng(4)
+    mean = cupy.asarray(rng.standard_normal(2 * 29, dtype=np.float32))[::2]
+    var = cupy.asarray(rng.uniform(0.5, 2.0, 29).astype(np.float32))
+    running_mean = cupy.asarray(rng.standard_normal(29).astype(running_dtype))
+    running_var = cupy.asarray(rng.uniform(0.5, 2.0, 29).astype(var_dtype))
+    args = (running_mean, running_var, mean, var)
+    kwargs = {"factor": 0.1, "bessel": 1000 / 999, "xp": cupy}
+    before = [cupy.asnumpy(a) for a in args]
+    fast = kernels.running_update(*args, **kwargs)
+    generic = _math.running_update(*args, **kwargs)
+    for a, e in zip(fast, generic, strict=True):
+        assert a.shape == e.shape and a.dtype == e.dtype
+        rtol = 2 * np.finfo(e.dtype).eps
+        np.testing.assert_allclose(cupy.asnumpy(a), cupy.asnumpy(e), rtol=rtol)
+    for a, b in zip(args, before, strict=True):  # the inputs are not written
+        np.testing.assert_array_equal(cupy.asnumpy(a), b)
