@@ -15,7 +15,7 @@ import pytest
 
 import bnarray as bn
 from bnarray import _math
-from bnarray._fast import FORCE_GENERIC_ENV, NUMBA_ENV, _cpu, _numpy, kernels_for
+from bnarray._fast import FORCE_GENERIC_ENV, NUMBA_ENV, _cpu, _numpy, kernels_for, plan
 
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
@@ -293,29 +293,51 @@ def test_every_float16_converts_and_rounds_like_numpy(numpy_kernels, scale):
 def test_float16_goes_to_the_numpy_kernels_without_hardware_conversion(monkeypatch):
     from bnarray._fast import _numba
 
+    monkeypatch.delenv(FORCE_GENERIC_ENV, raising=False)
+    monkeypatch.delenv(NUMBA_ENV, raising=False)
+    x16 = np.ones((4, 3), np.float16)
+    assert plan(x16, (1,), np_compat).kernels is _numba
     monkeypatch.setattr(_numba, "HARDWARE_HALF", False)
-    x, dy, *_ = _inputs((3, 37, 41, 43), 1, np.float16)
-    reduce_axes = (0, 2, 3)
-    stats = _numba.batch_stats(x, reduce_axes, xp=np_compat)
-    mean, var = _numpy.batch_stats(x, reduce_axes, xp=np_compat)
-    scale = 1 / np.sqrt(var + 1e-5)
-    outputs = [
-        (stats, (mean, var)),
-        (
-            _numba.normalize(x, mean, scale, mean, xp=np_compat),
-            _numpy.normalize(x, mean, scale, mean, xp=np_compat),
-        ),
-        (
-            _numba.grad_sums(dy, x, mean, reduce_axes, xp=np_compat),
-            _numpy.grad_sums(dy, x, mean, reduce_axes, xp=np_compat),
-        ),
-        (
-            _numba.grad_input(dy, x, mean, scale, scale, mean, xp=np_compat),
-            _numpy.grad_input(dy, x, mean, scale, scale, mean, xp=np_compat),
-        ),
-    ]
-    for got, expected in outputs:
-        np.testing.assert_array_equal(got, expected)
+    assert plan(x16, (1,), np_compat).kernels is _numpy
+    assert plan(x16.astype(np.float32), (1,), np_compat).kernels is _numba
+
+
+@pytest.mark.parametrize(
+    ("make", "kept"),
+    [
+        (lambda x: x, (1,)),
+        (lambda x: x[:, :3], (1,)),
+        (lambda x: x[::-1], (1,)),
+        (lambda x: np.asfortranarray(x), (1,)),
+        (lambda x: np.broadcast_to(x[:1], x.shape), (1,)),
+    ],
+    ids=["contiguous", "column slice", "reversed", "transposed", "broadcast"],
+)
+def test_the_plan_gives_the_cpu_kernels_one_contiguous_copy_of_any_strided_layout(
+    numpy_kernels, make, kept
+):
+    x = make(np.arange(40.0).reshape(10, 4))
+    dy = np.flip(np.ones((10, 4)))[:, : x.shape[1]]
+    run = plan(x, kept, np_compat, dy)
+    assert run.kernels is kernels_for(np_compat)
+    assert run.x.flags.c_contiguous and run.dy.flags.c_contiguous
+    np.testing.assert_array_equal(run.x, x)
+    np.testing.assert_array_equal(run.dy, dy)
+    assert (run.x is x) == x.flags.c_contiguous  # a copy only where needed
+
+
+@pytest.mark.parametrize(
+    ("x", "kept"),
+    [
+        (np.ones((3, 4, 5)), (0, 2)),  # channel axes not adjacent
+        (np.ones((0, 4)), (1,)),  # empty
+        (np.ones((5, 4), dtype=">f8"), (1,)),  # not of native byte order
+    ],
+)
+def test_the_plan_sends_what_the_cpu_loops_cannot_take_to_the_generic_kernels(
+    numpy_kernels, x, kept
+):
+    assert plan(x, kept, np_compat).kernels is _math
 
 
 def test_numpy_arrays_get_the_numba_kernels_where_numba_is_installed(monkeypatch):

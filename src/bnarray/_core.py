@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from . import _jax, _math
 from ._compat import Array, Namespace, is_jax_namespace
-from ._fast import kernels_for
+from ._fast import kernels_for, plan
 from ._validation import (
     check_bool,
     check_channel_array,
@@ -248,17 +248,19 @@ def batch_norm_forward(
                 )
                 raise ValueError(msg)
 
-    kernels = kernels_for(xp)
+    run = plan(x, kept, xp)
+    kernels = run.kernels
     dtype = _math.compute_dtype(x.dtype, xp)
     shape = _broadcast_shape(tuple(x.shape), kept)
     if training:
-        mean, var = kernels.batch_stats(x, reduce_axes, xp=xp)
+        mean, var = kernels.batch_stats(run.x, reduce_axes, xp=xp)
     else:
         mean = _as_stat(running_mean, shape, dtype, xp)
         var = _as_stat(running_var, shape, dtype, xp)
     gamma = _as_stat(weight, shape, dtype, xp)
     invstd, scale = kernels.forward_scales(var, gamma, eps, xp=xp)
-    y = kernels.normalize(x, mean, scale, _as_stat(bias, shape, dtype, xp), xp=xp)
+    beta = _as_stat(bias, shape, dtype, xp)
+    y = kernels.normalize(run.x, mean, scale, beta, xp=xp)
     ctx = BatchNormContext(
         x=x,
         weight=weight,
@@ -348,7 +350,8 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
         msg = f"`dy` must have the shape of `x` {tuple(x.shape)}, got {tuple(dy.shape)}"
         raise ValueError(msg)
 
-    kernels = kernels_for(xp)
+    run = plan(x, ctx.axis, xp, dy)
+    kernels = run.kernels
     reduce_axes = ctx.reduce_axes
     shape = _broadcast_shape(tuple(x.shape), ctx.axis)
     dtype = ctx.mean.dtype
@@ -356,11 +359,11 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
     invstd = xp.reshape(ctx.invstd, shape)
     gamma = _as_stat(ctx.weight, shape, dtype, xp)
 
-    sum_dy, sum_dy_xc = kernels.grad_sums(dy, x, mean, reduce_axes, xp=xp)
+    sum_dy, sum_dy_xc = kernels.grad_sums(run.dy, run.x, mean, reduce_axes, xp=xp)
     dweight, dy_scale, xc_scale, shift = kernels.backward_scales(
         sum_dy, sum_dy_xc, invstd, gamma, ctx.count, training=ctx.training, xp=xp
     )
-    dx = kernels.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp)
+    dx = kernels.grad_input(run.dy, run.x, mean, dy_scale, xc_scale, shift, xp=xp)
 
     param_dtype = dtype if ctx.weight is None else ctx.weight.dtype
     channel_shape = tuple(ctx.mean.shape)

@@ -1,4 +1,4 @@
-"""Choice of the kernels for a namespace: a fast path where one exists, else the generic one."""
+"""The kernel contract, and the choice of kernels: a fast path where one exists, else the generic one."""
 
 from __future__ import annotations
 
@@ -6,12 +6,85 @@ import functools
 import importlib.util
 import os
 import warnings
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Any, Protocol, cast
 
 from .. import _math
-from .._compat import Namespace, is_cupy_namespace, is_numpy_namespace
+from .._compat import Array, Namespace, is_cupy_namespace, is_numpy_namespace
 
-__all__ = ["FORCE_GENERIC_ENV", "NUMBA_ENV", "kernels_for"]
+__all__ = ["FORCE_GENERIC_ENV", "NUMBA_ENV", "Kernels", "Plan", "kernels_for", "plan"]
+
+
+class Kernels(Protocol):
+    """What a kernel set provides: the seven functions of :mod:`bnarray._math`.
+
+    ``_math`` is the reference; ``_numpy``, ``_numba`` and ``_cupy`` are faster
+    sets for some namespaces and layouts, held to the same signatures (a test
+    compares them) and to the same results (the fast == generic tests). The
+    four full-size kernels are the passes over memory; the other three the
+    per-channel arithmetic between them. In every signature ``shift`` is the
+    per-channel term added last.
+    """
+
+    def batch_stats(
+        self, x: Array, reduce_axes: tuple[int, ...], *, xp: Namespace
+    ) -> tuple[Array, Array]: ...
+
+    def normalize(
+        self, x: Array, mean: Array, scale: Array, shift: Array | None, *, xp: Namespace
+    ) -> Array: ...
+
+    def grad_sums(
+        self,
+        dy: Array,
+        x: Array,
+        mean: Array,
+        reduce_axes: tuple[int, ...],
+        *,
+        xp: Namespace,
+    ) -> tuple[Array, Array]: ...
+
+    def grad_input(
+        self,
+        dy: Array,
+        x: Array,
+        mean: Array,
+        dy_scale: Array,
+        xc_scale: Array | None,
+        shift: Array | None,
+        *,
+        xp: Namespace,
+    ) -> Array: ...
+
+    def forward_scales(
+        self, var: Array, gamma: Array | None, eps: float, *, xp: Namespace
+    ) -> tuple[Array, Array]: ...
+
+    def backward_scales(
+        self,
+        sum_dy: Array,
+        sum_dy_xc: Array,
+        invstd: Array,
+        gamma: Array | None,
+        count: int,
+        *,
+        training: bool,
+        xp: Namespace,
+    ) -> tuple[Array, Array, Array | None, Array | None]: ...
+
+    def running_update(
+        self,
+        running_mean: Array,
+        running_var: Array,
+        mean: Array,
+        var: Array,
+        *,
+        factor: float,
+        bessel: float,
+        xp: Namespace,
+    ) -> tuple[Array, Array]: ...
+
 
 FORCE_GENERIC_ENV = "BNARRAY_GENERIC"
 """Set this environment variable to ``1`` to use the generic array-API kernels everywhere."""
@@ -37,7 +110,7 @@ def _numba_kernels() -> ModuleType | None:
     return _numba
 
 
-def kernels_for(xp: Namespace) -> ModuleType:
+def kernels_for(xp: Namespace) -> Kernels:
     """The module whose kernels serve arrays of `xp`: the full-size passes
     ``batch_stats``, ``normalize``, ``grad_sums`` and ``grad_input``, and the
     per-channel arithmetic ``forward_scales``, ``backward_scales`` and
@@ -52,15 +125,66 @@ def kernels_for(xp: Namespace) -> ModuleType:
     array-API kernels of ``_math``.
     """
     if os.environ.get(FORCE_GENERIC_ENV, "0") not in ("", "0"):
-        return _math
+        return _as_kernels(_math)
     if is_numpy_namespace(xp):
         if os.environ.get(NUMBA_ENV) != "0" and (numba := _numba_kernels()):
-            return numba
+            return _as_kernels(numba)
         from . import _numpy
 
-        return _numpy
+        return _as_kernels(_numpy)
     if is_cupy_namespace(xp):
         from . import _cupy
 
-        return _cupy
-    return _math
+        return _as_kernels(_cupy)
+    return _as_kernels(_math)
+
+
+def _as_kernels(module: ModuleType) -> Kernels:
+    # The fast modules import libraries mypy may not see; `_REFERENCE` below
+    # has mypy check the reference module against the protocol.
+    return cast(Kernels, module)
+
+
+_REFERENCE: Kernels = _math
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one call runs: the kernels, and the full-size arrays as they read them."""
+
+    kernels: Kernels
+    x: Array
+    dy: Array | None = None
+
+
+def plan(
+    x: Array, kept: tuple[int, ...], xp: Namespace, dy: Array | None = None
+) -> Plan:
+    """The kernels for `x` (and `dy`) with channel axes `kept`, decided once per call.
+
+    The NumPy and Numba kernels take every strided layout, through a
+    C-contiguous copy made here once (`x` itself where it is C-contiguous
+    already); channel axes that are not adjacent, empty arrays and dtypes
+    their loops do not take go to the generic kernels, and so does float16
+    for the Numba loops where the CPU cannot convert it in hardware (to the
+    NumPy kernels). Other namespaces get :func:`kernels_for` as they are.
+    """
+    kernels = kernels_for(xp)
+    module = cast(Any, kernels).__name__
+    if module not in ("bnarray._fast._numpy", "bnarray._fast._numba"):
+        return Plan(kernels, x, dy)
+    import numpy as np
+
+    from . import _cpu
+
+    if not _cpu.serves(x, kept) or (dy is not None and dy.dtype != x.dtype):
+        return Plan(_as_kernels(_math), x, dy)
+    if module == "bnarray._fast._numba" and x.dtype == np.float16:
+        from . import _numba
+
+        if not _numba.HARDWARE_HALF:
+            from . import _numpy
+
+            kernels = _as_kernels(_numpy)
+    contiguous = np.ascontiguousarray
+    return Plan(kernels, contiguous(x), None if dy is None else contiguous(dy))

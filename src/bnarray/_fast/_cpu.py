@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import _math
+
 __all__ = [
     "BLOCK_ELEMENTS",
     "FLOATS",
@@ -20,12 +22,14 @@ __all__ = [
     "block_shape",
     "blocks",
     "broadcast_shape",
+    "compute_dtype",
     "executor",
     "fold_columns",
     "num_threads",
     "on_threads",
     "reference",
     "row_repeat",
+    "serves",
     "split",
     "stats_from_sums",
     "thread_count",
@@ -70,23 +74,31 @@ def executor() -> ThreadPoolExecutor:
         return _pool
 
 
-def view3(x: np.ndarray, channel_shape: tuple[int, ...]) -> np.ndarray | None:
-    """`x` as a C-contiguous (A, C, B) array with the channels in the middle, or None.
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """:func:`bnarray._math.compute_dtype` as a NumPy dtype."""
+    compute: np.dtype = np.dtype(_math.compute_dtype(dtype, np))  # type: ignore[call-overload]
+    return compute
+
+
+def serves(x: np.ndarray, kept: tuple[int, ...]) -> bool:
+    """Whether the CPU loops take `x` with channel axes `kept` (sorted): a float
+    dtype of native byte order, at least one element, adjacent channel axes.
+    Any strides: :func:`bnarray._fast.plan` makes a C-contiguous copy."""
+    adjacent = not kept or kept[-1] + 1 - kept[0] == len(kept)
+    return x.dtype in FLOATS and x.size > 0 and adjacent
+
+
+def view3(x: np.ndarray, channel_shape: tuple[int, ...]) -> np.ndarray:
+    """A C-contiguous `x` that :func:`serves` takes, as an (A, C, B) view with the
+    channels in the middle.
 
     `channel_shape` is the broadcast shape of a per-channel array. NCHW
-    (axis=1) gives (N, C, H·W), NHWC (axis=-1) gives (N·H·W, C, 1): a view of a
-    C-contiguous `x`, else of a C-contiguous copy (a column slice, a reversed,
-    transposed or broadcast view; one more read and write of `x`, never a
-    write into it). None, for the generic kernels, where the channel axes are
-    not adjacent or `x` is empty or of a byte order or dtype the loops do not
-    take.
+    (axis=1) gives (N, C, H·W), NHWC (axis=-1) gives (N·H·W, C, 1).
     """
-    if x.dtype not in FLOATS or len(channel_shape) != x.ndim or x.size == 0:
-        return None
+    if not x.flags.c_contiguous:
+        msg = "the CPU kernels read C-contiguous arrays: call them through `plan`"
+        raise ValueError(msg)
     kept = [a for a, n in enumerate(channel_shape) if n != 1]
-    if kept and kept[-1] + 1 - kept[0] != len(kept):
-        return None
-    x = np.ascontiguousarray(x)  # `x` itself where it is C-contiguous already
     if not kept:
         return x.reshape(1, 1, x.size)
     first, last = kept[0], kept[-1] + 1

@@ -26,10 +26,9 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-from .. import _math
 from .._compat import Array, Namespace
 from .._math import backward_scales, forward_scales, running_update
-from . import _cpu, _numpy
+from . import _cpu
 
 # The per-channel arithmetic (backward_scales, forward_scales, running_update)
 # has nothing to gain on the CPU: the generic one serves.
@@ -530,13 +529,9 @@ def batch_stats(
     (see ``_cpu.reference``), and their squares, are summed in the
     compute dtype over runs of at most 4096 values, and the runs in float64.
     """
-    if x.dtype == np.float16 and not HARDWARE_HALF:
-        return _numpy.batch_stats(x, reduce_axes, xp=xp)
     channel_shape = _cpu.broadcast_shape(x, reduce_axes)
     x3 = _cpu.view3(x, channel_shape)
-    if x3 is None:
-        return _math.batch_stats(x, reduce_axes, xp=xp)
-    dtype = np.promote_types(x.dtype, np.float32)  # _math.compute_dtype
+    dtype = _cpu.compute_dtype(x.dtype)
     ref = _cpu.reference(x3, dtype)
     xs, r, loop = _layout(x3, _sums_blocks, _sums_rows)
     refs = _channel_values(ref, xs, r, dtype)
@@ -549,11 +544,7 @@ def normalize(
     x: Array, mean: Array, scale: Array, shift: Array | None, *, xp: Namespace
 ) -> Array:
     """``(x - mean) * scale + shift``: see :func:`bnarray._math.normalize`."""
-    if x.dtype == np.float16 and not HARDWARE_HALF:
-        return _numpy.normalize(x, mean, scale, shift, xp=xp)
     x3 = _cpu.view3(x, tuple(mean.shape))
-    if x3 is None:
-        return _math.normalize(x, mean, scale, shift, xp=xp)
     dtype = np.dtype(mean.dtype)
     y = np.empty(x.shape, dtype=x.dtype)  # C-contiguous, as the loops write it
     xs, r, loop = _layout(x3, _normalize_blocks, _normalize_rows)
@@ -569,13 +560,9 @@ def grad_sums(
     dy: Array, x: Array, mean: Array, reduce_axes: tuple[int, ...], *, xp: Namespace
 ) -> tuple[Array, Array]:
     """Per-channel ``Σ dy`` and ``Σ dy · (x - mean)``: see :func:`bnarray._math.grad_sums`."""
-    if x.dtype == np.float16 and not HARDWARE_HALF:
-        return _numpy.grad_sums(dy, x, mean, reduce_axes, xp=xp)
     channel_shape = _cpu.broadcast_shape(x, reduce_axes)
     x3 = _cpu.view3(x, channel_shape)
     dy3 = _cpu.view3(dy, channel_shape)
-    if x3 is None or dy3 is None or dy.dtype != x.dtype:
-        return _math.grad_sums(dy, x, mean, reduce_axes, xp=xp)
     dtype = np.dtype(mean.dtype)
     xs, r, loop = _layout(x3, _sums_blocks, _sums_rows)
     means = _channel_values(mean, xs, r, dtype)
@@ -600,12 +587,8 @@ def grad_input(
 ) -> Array:
     """``dy * dy_scale + (x - mean) * xc_scale + shift``: see
     :func:`bnarray._math.grad_input`."""
-    if x.dtype == np.float16 and not HARDWARE_HALF:
-        return _numpy.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp)
     x3 = _cpu.view3(x, tuple(mean.shape))
     dy3 = _cpu.view3(dy, tuple(mean.shape))
-    if x3 is None or dy3 is None or dy.dtype != x.dtype:
-        return _math.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp)
     dtype = np.dtype(mean.dtype)
     c = x3.shape[1]
     if (xc_scale is None) != (shift is None):  # one loop serves both: add a zero
