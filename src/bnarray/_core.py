@@ -9,11 +9,13 @@ from . import _jax, _math
 from ._compat import Array, Namespace, is_jax_namespace
 from ._fast import kernels_for, plan
 from ._validation import (
+    check_batch_count,
     check_bool,
     check_channel_array,
     check_eps,
     check_momentum,
     check_num_batches_tracked,
+    check_statistics_source,
     check_x,
     namespace_of,
     normalize_axis,
@@ -218,35 +220,9 @@ def batch_norm_forward(
     reduce_axes = tuple(a for a in range(x.ndim) if a not in kept)
     count = reduce_count(tuple(x.shape), reduce_axes)
 
+    check_statistics_source(training, running_mean, running_var)
     if training:
-        for name, a in [("running_mean", running_mean), ("running_var", running_var)]:
-            if a is not None:
-                msg = (
-                    f"`{name}` is not used when training=True (the batch's statistics "
-                    "are); update running statistics with `update_running_stats`, or "
-                    "pass training=False to normalize with them"
-                )
-                raise ValueError(msg)
-        if count == 0:
-            msg = (
-                f"`x` of shape {tuple(x.shape)} is empty along the reduced axes: an "
-                "empty batch has no statistics to train with"
-            )
-            raise ValueError(msg)
-        if count == 1:
-            msg = (
-                "Expected more than 1 value per channel when training, got `x` of "
-                f"shape {tuple(x.shape)} with axis={axis!r}"
-            )
-            raise ValueError(msg)
-    else:
-        for name, a in [("running_mean", running_mean), ("running_var", running_var)]:
-            if a is None:
-                msg = (
-                    f"`{name}` is required when training=False: inference normalizes "
-                    "with the running statistics"
-                )
-                raise ValueError(msg)
+        check_batch_count(count, tuple(x.shape), axis)
 
     run = plan(x, kept, xp)
     kernels = run.kernels

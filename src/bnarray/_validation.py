@@ -13,12 +13,14 @@ from ._compat import Array, Namespace, array_namespace, device, is_array_api_obj
 
 __all__ = [
     "check_axis",
+    "check_batch_count",
     "check_bool",
     "check_channel_array",
     "check_eps",
     "check_integer",
     "check_momentum",
     "check_num_batches_tracked",
+    "check_statistics_source",
     "check_x",
     "library_name",
     "namespace_of",
@@ -230,3 +232,40 @@ def check_integer(value: object, name: str) -> int:
             pass
     msg = f"`{name}` must be an integer, got {type(value).__name__}: {value!r:.80}"
     raise TypeError(msg)
+
+
+def check_statistics_source(
+    training: bool, running_mean: object, running_var: object
+) -> None:
+    """Running statistics are required in inference and refused in training."""
+    for name, a in [("running_mean", running_mean), ("running_var", running_var)]:
+        if training and a is not None:
+            msg = (
+                f"`{name}` is not used when training=True (the batch's statistics "
+                "are); update running statistics with `update_running_stats`, or "
+                "pass training=False to normalize with them"
+            )
+            raise ValueError(msg)
+        if not training and a is None:
+            msg = (
+                f"`{name}` is required when training=False: inference normalizes "
+                "with the running statistics"
+            )
+            raise ValueError(msg)
+
+
+def check_batch_count(count: int, shape: tuple[int, ...], axis: object) -> None:
+    """At least two values per channel to train with (`count` of them in `x` of
+    `shape`, with channel axes `axis` as given)."""
+    if count == 0:
+        msg = (
+            f"`x` of shape {shape} is empty along the reduced axes: an "
+            "empty batch has no statistics to train with"
+        )
+        raise ValueError(msg)
+    if count == 1:
+        msg = (
+            "Expected more than 1 value per channel when training, got `x` of "
+            f"shape {shape} with axis={axis!r}"
+        )
+        raise ValueError(msg)
