@@ -190,9 +190,25 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "skip_backend(name, *, reason): skip the `backend` (by name or family) "
+        "for which the test does not apply, saying why",
+    )
+    config.addinivalue_line(
+        "markers", "needs_float16: skip backends that have no float16 dtype"
+    )
+
+
 @pytest.fixture
 def backend(request: pytest.FixtureRequest) -> BackendCase:
     spec: Backend = request.param
+    for marker in request.node.iter_markers("skip_backend"):
+        if spec.name in marker.args or spec.family in marker.args:
+            pytest.skip(f"{spec.name}: {marker.kwargs['reason']}")
+    if request.node.get_closest_marker("needs_float16") and not spec.has_float16:
+        pytest.skip(f"{spec.name} has no float16")
     lib = pytest.importorskip(spec.module)
     reason = spec.skip_reason(lib)
     if reason is not None:

@@ -117,9 +117,8 @@ def test_float32_gradients_are_within_1e5_of_float64(backend):
     np.testing.assert_allclose(backend.to_numpy(db), db_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.needs_float16
 def test_float16_gradients_keep_dtypes(backend):
-    if not backend.backend.has_float16:
-        pytest.skip(f"{backend.name} has no float16")
     x, w, _, _, _ = make_params((64, 3), -1, seed=4)
     dy = np.random.default_rng(5).normal(size=x.shape)
     xb = backend.asarray(x, np.float16)

@@ -330,11 +330,12 @@ def test_shallow_copy_keeps_the_forward_for_backward(backend):
     assert layer.training is False
 
 
+@pytest.mark.skip_backend(
+    "jax_cpu1", reason="JAX unpickles its arrays onto the default device"
+)
 def test_pickle_round_trip_keeps_the_state_but_not_the_last_input(backend):
     import pickle
 
-    if backend.name == "jax_cpu1":
-        pytest.skip("JAX unpickles its arrays onto the default device")
     layer = trained_layer(backend)
     restored = pickle.loads(pickle.dumps(layer))
     assert_same_state(backend, restored, layer)
@@ -400,9 +401,11 @@ def test_load_state_dict_takes_integer_counts_of_any_kind(backend, count):
     assert layer.num_batches_tracked == 7
 
 
+@pytest.mark.skip_backend(
+    "array_api_strict_device1",
+    reason="NumPy cannot read arrays on array_api_strict's second device",
+)
 def test_state_dict_in_another_library(backend):
-    if backend.name == "array_api_strict_device1":
-        pytest.skip("NumPy cannot read arrays on array_api_strict's second device")
     layer = trained_layer(backend)
     own = layer.state_dict()
     as_numpy = layer.state_dict(xp=np)
