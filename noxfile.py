@@ -25,6 +25,13 @@ PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 # PyTorch 2.13.0 for Python 3.11 is the CPU build on this project's machines;
 # other versions or interpreters pull multi-GB CUDA builds.
 TORCH = "torch==2.13.0"
+# The tests of the NumPy and Numba kernels themselves.
+KERNEL_TESTS = [
+    "tests/test_fast_paths.py",
+    "tests/test_threads.py",
+    "tests/test_kernel_choice.py",
+    "tests/test_accuracy.py",
+]
 # The floor of the `dependencies` in pyproject.toml, tested by `tests-oldest`,
 # and of the optional Numba.
 OLDEST = {"numpy": "1.26.0", "array-api-compat": "1.13.0"}
@@ -69,7 +76,8 @@ def _require_installed(session: nox.Session, versions: dict[str, str | None]) ->
 def tests_numpy(session: nox.Session) -> None:
     """The test suite on NumPy and read-only NumPy arrays, with Numba installed.
 
-    test_fast_paths.py also runs the NumPy-only kernels.
+    The kernel tests (test_fast_paths, test_threads, test_kernel_choice,
+    test_accuracy) also run the NumPy-only kernels.
     """
     session.install(".[test,numba]")
     _pytest(session, "numpy,numpy_readonly")
@@ -138,7 +146,7 @@ def tests_oldest(session: nox.Session) -> None:
     _pytest(session, "numpy,numpy_readonly,array_api_strict")
     session.install(*_pins(OLDEST_NUMBA), *_pins(OLDEST))
     _require_installed(session, {**OLDEST, **OLDEST_NUMBA})
-    _pytest(session, "numpy", "tests/test_fast_paths.py")
+    _pytest(session, "numpy", *KERNEL_TESTS)
 
 
 @nox.session(python="3.11")

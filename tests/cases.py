@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["LAYOUTS", "channel_shape", "make_params"]
+import bnarray as bn
+
+__all__ = [
+    "KERNEL_LAYOUTS",
+    "LAYOUTS",
+    "channel_shape",
+    "kernel_inputs",
+    "make_params",
+    "step_outputs",
+]
 
 # (shape, axis): 2-D to 5-D, channels last / first / middle, negative and tuple axes.
 LAYOUTS = [
@@ -36,3 +45,62 @@ def make_params(shape, axis, seed=0):
     running_mean = rng.normal(0.0, 1.0, size=cshape)
     running_var = rng.uniform(0.5, 2.0, size=cshape)
     return x, weight, bias, running_mean, running_var
+
+
+# The fast-path tests: (shape, axis): 2-D to 5-D, channels first and last, negative and tuple axes,
+# sizes that are not multiples of the block size, more than one block per
+# thread, a row longer than a block (channels first and last), small images
+# (few values per channel in a row; few and many channels), and layouts that
+# fall back to _math.
+KERNEL_LAYOUTS = [
+    ((1000, 7), -1),
+    ((40_000, 7), -1),
+    ((7, 1001), 0),
+    ((300, 5), 1),
+    ((5, 37, 301), 1),
+    ((129, 11, 3), -1),
+    ((3, 37, 41, 43), 1),
+    ((3, 41, 43, 37), -1),
+    ((3, 41, 43, 38), -1),
+    ((3, 37, 41, 43), -3),
+    ((2, 5, 7, 9, 11), 1),
+    ((2, 7, 9, 11, 5), -1),
+    ((2, 3, 140_001), 1),
+    ((64, 9, 3, 3), 1),
+    ((50, 300, 2, 2), 1),
+    ((4, 2000, 2, 2), 1),
+    ((8, 5, 6, 3), (1, 2)),
+    ((3, 140_001), -1),
+    ((4, 5, 6, 70), (1, 2)),
+    ((4, 5, 6, 70), (0, 2)),
+    ((4, 5, 6, 70), (-3, -1)),
+]
+
+
+def _kept_shape(shape, axis):
+    kept = (axis,) if isinstance(axis, int) else axis
+    return tuple(shape[a] for a in kept)
+
+
+def kernel_inputs(shape, axis, dtype, *, seed=0):
+    rng = np.random.default_rng(seed)
+    cs = _kept_shape(shape, axis)
+    x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 1.5, cs).astype(dtype)
+    b = rng.standard_normal(cs).astype(dtype)
+    rm = rng.standard_normal(cs).astype(dtype)
+    rv = rng.uniform(0.5, 2.0, cs).astype(dtype)
+    return x, dy, w, b, rm, rv
+
+
+def step_outputs(x, dy, w, b, rm, rv, *, axis, training):
+    kwargs = (
+        {} if training else {"training": False, "running_mean": rm, "running_var": rv}
+    )
+    y, ctx = bn.batch_norm_forward(x, w, b, axis=axis, **kwargs)
+    dx, dw, db = bn.batch_norm_backward(dy, ctx)
+    out = {"y": y, "mean": ctx.mean, "var": ctx.var, "dx": dx, "dw": dw, "db": db}
+    if training and rm is not None:
+        out["running_mean"], out["running_var"] = bn.update_running_stats(rm, rv, ctx)
+    return out

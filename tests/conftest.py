@@ -223,3 +223,30 @@ def backend(request: pytest.FixtureRequest) -> BackendCase:
 @pytest.fixture
 def xp(backend: BackendCase) -> Any:
     return backend.xp
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def numpy_kernels(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    """The NumPy kernels that serve the test: the Numba loops (where Numba is
+    installed) or the NumPy-only ones (``BNARRAY_NUMBA=0``)."""
+    import importlib.util
+
+    import array_api_compat.numpy as np_compat
+
+    from bnarray._fast import FORCE_GENERIC_ENV, NUMBA_ENV, _numpy, kernels_for
+
+    monkeypatch.delenv(FORCE_GENERIC_ENV, raising=False)
+    kernels: Any
+    if request.param == "numba":
+        if importlib.util.find_spec("numba") is None:
+            pytest.skip("Numba is not installed (pip install bnarray[numba])")
+        from bnarray._fast import _numba as kernels
+
+        monkeypatch.delenv(NUMBA_ENV, raising=False)
+    else:
+        kernels = _numpy
+        monkeypatch.setenv(NUMBA_ENV, "0")
+    assert kernels_for(np_compat) is kernels
+    return kernels
