@@ -46,6 +46,8 @@ def test_lazy_only_does_catch_a_compute():
         ((40, 3), -1, (7, 2)),
         ((8, 3, 6, 5), 1, (3, 2, 6, 2)),
         ((6, 5, 4, 3), -1, (2, 5, 2, 3)),
+        # A reduced axis longer than the blocks of the generic sums (1024).
+        ((3001, 3), -1, (700, 2)),
     ],
 )
 def test_forward_backward_update_build_graphs_without_computing(shape, axis, chunks):
