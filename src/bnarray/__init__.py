@@ -1,5 +1,6 @@
 """Batch normalization written once against the Python array API standard."""
 
+from . import sync
 from ._core import (
     BatchNormContext,
     batch_norm_backward,
@@ -16,5 +17,6 @@ __all__ = [
     "__version__",
     "batch_norm_backward",
     "batch_norm_forward",
+    "sync",
     "update_running_stats",
 ]

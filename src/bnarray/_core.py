@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from . import _jax, _math
 from ._compat import Array, Namespace, is_jax_namespace
+from ._distributed import check_sync, global_grad_sums, global_moments
 from ._fast import kernels_for, plan
 from ._validation import (
     check_batch_count,
@@ -21,6 +22,7 @@ from ._validation import (
     normalize_axis,
     reduce_count,
 )
+from .sync import Synchronizer
 
 __all__ = [
     "BatchNormContext",
@@ -40,7 +42,8 @@ class BatchNormContext:
 
     Once JAX is imported (before or after bnarray), the context is a JAX
     pytree: the arrays `x`, `weight`, `mean`, `var` and `invstd` are its
-    leaves, `count`, `axis`, `training` and `eps` its static structure. A
+    leaves, `count`, `axis`, `training`, `eps` and `sync` its static
+    structure. A
     function under ``jax.jit`` or ``jax.vmap`` can then take and return
     contexts, and :func:`batch_norm_backward` accepts a context that crossed
     such a boundary.
@@ -54,17 +57,22 @@ class BatchNormContext:
     mean, var : array
         Per-channel statistics used to normalize, with the shape of the kept
         axes: in training the batch mean and the *biased* batch variance, in
-        inference the running statistics. Float32 for 16-bit `x`.
+        inference the running statistics. Float32 for 16-bit `x`. With
+        `sync` in training, those of the whole batch over all processes.
     invstd : array
         ``1 / sqrt(var + eps)``.
     count : int
-        Number of elements per channel that were reduced over (m).
+        Number of elements per channel that were reduced over (m); with
+        `sync` in training, over all processes.
     axis : tuple of int
         The kept (channel) axes, non-negative and sorted.
     training : bool
         Whether batch statistics were used.
     eps : float
         The ε added to the variance.
+    sync : Synchronizer or None
+        The `sync` of the forward pass; after a training forward pass,
+        :func:`batch_norm_backward` uses it too.
     """
 
     x: Array
@@ -76,6 +84,7 @@ class BatchNormContext:
     axis: tuple[int, ...]
     training: bool
     eps: float
+    sync: Synchronizer | None = None
 
     @property
     def reduce_axes(self) -> tuple[int, ...]:
@@ -87,7 +96,9 @@ class BatchNormContext:
         return (
             f"BatchNormContext(x_shape={tuple(self.x.shape)}, axis={self.axis}, "
             f"channel_shape={shape}, count={self.count}, training={self.training}, "
-            f"eps={self.eps})"
+            f"eps={self.eps}"
+            + ("" if self.sync is None else f", sync={self.sync!r}")
+            + ")"
         )
 
 
@@ -95,7 +106,7 @@ def _register_context_pytree() -> None:
     _jax.register_dataclass(
         BatchNormContext,
         data_fields=("x", "weight", "mean", "var", "invstd"),
-        meta_fields=("count", "axis", "training", "eps"),
+        meta_fields=("count", "axis", "training", "eps", "sync"),
     )
 
 
@@ -128,6 +139,7 @@ def batch_norm_forward(
     training: bool = True,
     running_mean: Array | None = None,
     running_var: Array | None = None,
+    sync: Synchronizer | None = None,
 ) -> tuple[Array, BatchNormContext]:
     r"""Normalize `x` per channel, then scale and shift.
 
@@ -136,7 +148,8 @@ def batch_norm_forward(
         y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta
 
     with, per channel, :math:`\mu` and the biased :math:`\sigma^2` of the batch
-    when `training` is True, and `running_mean`, `running_var` otherwise.
+    when `training` is True (of the whole batch over all processes with
+    `sync`), and `running_mean`, `running_var` otherwise.
 
     Parameters
     ----------
@@ -157,6 +170,16 @@ def batch_norm_forward(
         with `running_mean` and `running_var`, which are then required.
     running_mean, running_var : array, optional
         The running statistics for inference.
+    sync : Synchronizer, optional
+        None (default): the statistics of this `x`. A synchronizer
+        (:class:`bnarray.sync.TorchDistributed`, :class:`~bnarray.sync.MPI`,
+        :class:`~bnarray.sync.JaxAxis`, or any object with the methods of
+        :class:`~bnarray.sync.Synchronizer`): in training, `x` is this
+        process's share of a batch split over the processes of its group
+        along the reduced axes, and the statistics are those of the whole
+        batch. Every process of the group must make the same calls in the
+        same order; shares may differ in size, and be empty. One collective
+        per call; none with ``training=False``. See :doc:`/distributed`.
 
     Returns
     -------
@@ -169,18 +192,27 @@ def batch_norm_forward(
     ------
     TypeError
         A non-array or non-floating `x` or parameter; arrays of different
-        libraries; a `training` that is not a bool.
+        libraries; a `training` that is not a bool; a `sync` without the
+        synchronizer's methods.
     ValueError
         A bad `axis`, `eps` or parameter shape; an `x` of unknown shape (Dask
         after boolean indexing); arrays on different devices;
-        fewer than two values per channel in training; running statistics
+        fewer than two values per channel in training (over all processes
+        with `sync`: then every process raises); running statistics
         missing in inference or given in training.
+    RuntimeError
+        A collective of `sync` that returned an array of the wrong shape
+        (processes whose `x` differ in channel shape), or the engine's own
+        error when another process failed (see :doc:`/distributed`).
 
     Notes
     -----
     Statistics of 16-bit floating inputs are accumulated in float32; the
     variance is computed from deviations from the mean (two passes), never as
-    E[x²] − E[x]².
+    E[x²] − E[x]². With `sync`, each process's count, mean and sum of squared
+    deviations are merged exactly (Chan, Golub & LeVeque), in float64. Every
+    argument is checked before the collective: a bad input raises in its own
+    process without entering it.
 
     Examples
     --------
@@ -209,6 +241,8 @@ def batch_norm_forward(
     kept = normalize_axis(axis, x.ndim)
     eps = check_eps(eps)
     training = check_bool(training, "training")
+    sync = check_sync(sync)
+    synced = training and sync is not None
     channel_shape = tuple(x.shape[a] for a in kept)
     for name, a in [
         ("weight", weight),
@@ -221,14 +255,18 @@ def batch_norm_forward(
     count = reduce_count(tuple(x.shape), reduce_axes)
 
     check_statistics_source(training, running_mean, running_var)
-    if training:
+    if training and not synced:  # with `sync`, the count over all processes decides
         check_batch_count(count, tuple(x.shape), axis)
 
     run = plan(x, kept, xp)
     kernels = run.kernels
     dtype = _math.compute_dtype(x.dtype, xp)
     shape = _broadcast_shape(tuple(x.shape), kept)
-    if training:
+    if training and sync is not None:
+        mean, var, count = global_moments(
+            run.x, reduce_axes, count, sync, axis=axis, kernels=kernels, xp=xp
+        )
+    elif training:
         mean, var = kernels.batch_stats(run.x, reduce_axes, xp=xp)
     else:
         mean = _as_stat(running_mean, shape, dtype, xp)
@@ -247,6 +285,7 @@ def batch_norm_forward(
         axis=kept,
         training=training,
         eps=eps,
+        sync=sync,
     )
     return y, ctx
 
@@ -278,6 +317,13 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
     In inference mode the running statistics are constants and
     :math:`\partial L/\partial x = dy\,\gamma\,s`.
 
+    After a training forward pass with `sync`, :math:`m` and the two sums
+    in the gradient of `x` are those of all processes (one collective sums
+    them), so `dx` is the gradient of the sum of every process's loss with
+    respect to this process's share; `dweight` and `dbias` are this process's
+    shares of γ's and β's gradients, which sum over the processes to the
+    gradient (what PyTorch's DistributedDataParallel all-reduces).
+
     Parameters
     ----------
     dy : array
@@ -293,7 +339,8 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
     dweight, dbias : array
         With the shape of the kept axes, in the weight's dtype (the compute
         dtype when the forward had no weight). Returned also without affine
-        parameters: they are then the gradients for γ = 1, β = 0.
+        parameters: they are then the gradients for γ = 1, β = 0. With
+        `sync`, this process's share.
 
     Raises
     ------
@@ -302,6 +349,9 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
         and dtype.
     ValueError
         `dy` has another shape or device than `x`.
+    RuntimeError
+        From the collective of a synchronized context (see
+        :func:`batch_norm_forward`).
 
     Examples
     --------
@@ -336,9 +386,16 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
     gamma = _as_stat(ctx.weight, shape, dtype, xp)
 
     sum_dy, sum_dy_xc = kernels.grad_sums(run.dy, run.x, mean, reduce_axes, xp=xp)
-    dweight, dy_scale, xc_scale, shift = kernels.backward_scales(
-        sum_dy, sum_dy_xc, invstd, gamma, ctx.count, training=ctx.training, xp=xp
-    )
+    if ctx.training and ctx.sync is not None:
+        total_dy, total_dy_xc = global_grad_sums(sum_dy, sum_dy_xc, ctx.sync, xp=xp)
+        _, dy_scale, xc_scale, shift = kernels.backward_scales(
+            total_dy, total_dy_xc, invstd, gamma, ctx.count, training=True, xp=xp
+        )
+        dweight = sum_dy_xc * invstd  # this process's share
+    else:
+        dweight, dy_scale, xc_scale, shift = kernels.backward_scales(
+            sum_dy, sum_dy_xc, invstd, gamma, ctx.count, training=ctx.training, xp=xp
+        )
     dx = kernels.grad_input(run.dy, run.x, mean, dy_scale, xc_scale, shift, xp=xp)
 
     param_dtype = dtype if ctx.weight is None else ctx.weight.dtype
@@ -369,6 +426,10 @@ def update_running_stats(
     with :math:`\alpha` = `momentum`, or :math:`\alpha = 1/n` (`momentum` None,
     a cumulative average over the :math:`n` = `num_batches_tracked` batches so
     far). The running variance uses the unbiased batch variance.
+
+    The context of a synchronized forward pass holds the statistics and the
+    count of the whole batch over all processes: every process computes the
+    same new running statistics, without communicating.
 
     Keras, Flax and Chainer call :math:`1 - \alpha` the "momentum" or "decay":
     Keras ``momentum=0.99`` is ``momentum=0.01`` here. Their default ε also

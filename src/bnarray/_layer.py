@@ -25,6 +25,7 @@ from ._core import (
     batch_norm_forward,
     update_running_stats,
 )
+from ._distributed import check_sync
 from ._validation import (
     check_axis,
     check_bool,
@@ -36,6 +37,7 @@ from ._validation import (
     namespace_of,
     normalize_axis,
 )
+from .sync import Synchronizer
 
 __all__ = ["BatchNorm"]
 
@@ -130,6 +132,12 @@ class BatchNorm:
         for NumPy, float32 for PyTorch). Inputs of another floating dtype are
         accepted: the computation runs in the input's dtype (float32 for
         16-bit inputs).
+    sync : Synchronizer, optional
+        In training mode, normalize with the statistics of the whole batch
+        over the processes of this synchronizer (see
+        :func:`batch_norm_forward` and :doc:`/distributed`); every process
+        then holds the same running statistics. Inference mode never
+        communicates. Default None: this process's batch.
 
     Attributes
     ----------
@@ -138,14 +146,17 @@ class BatchNorm:
     num_batches_tracked : int
     training : bool
     grad_weight, grad_bias : array or None
-        Set by :meth:`backward` when `affine`.
+        Set by :meth:`backward` when `affine`; with `sync`, this process's
+        share of the gradient (sum them over the processes, as
+        data-parallel training does with every gradient).
+    sync : Synchronizer or None
 
     Raises
     ------
     TypeError
         A `num_features`, `axis`, `eps`, `momentum` or flag of the wrong type;
         an `xp` that is not an array library; a `dtype` that is not a real
-        floating dtype of `xp`.
+        floating dtype of `xp`; a `sync` that is not a synchronizer.
     ValueError
         A `num_features` that is not positive or does not give one size per
         channel axis; `eps` or `momentum` out of range.
@@ -162,7 +173,8 @@ class BatchNorm:
     the saved forward pass: it holds the last input, which a checkpoint
     should not carry. An unpickled layer needs a call before :meth:`backward`;
     its arrays are where the library unpickles them (JAX: on its default
-    device).
+    device). Nor does it keep `sync`, which belongs to the running processes:
+    set ``layer.sync`` again after unpickling. Copies share `sync`.
 
     Examples
     --------
@@ -197,6 +209,7 @@ class BatchNorm:
         xp: Any = None,
         device: Device = None,
         dtype: Any = None,
+        sync: Synchronizer | None = None,
     ) -> None:
         self.channel_shape = _channel_shape(num_features, axis)
         self.axis = axis
@@ -206,6 +219,7 @@ class BatchNorm:
         self.track_running_stats = check_bool(
             track_running_stats, "track_running_stats"
         )
+        self.sync = check_sync(sync)
         if xp is None:
             import numpy
 
@@ -243,17 +257,22 @@ class BatchNorm:
         return (
             f"BatchNorm({features}, axis={self.axis!r}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats})"
+            f"track_running_stats={self.track_running_stats}"
+            + ("" if self.sync is None else f", sync={self.sync!r}")
+            + ")"
         )
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_xp"] = self._xp.__name__  # modules cannot be pickled
         state["_ctx"] = None  # it holds the last input: no place in a checkpoint
+        state["sync"] = None  # a process group or communicator: of this run only
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _xp=importlib.import_module(state["_xp"]))
+        self.__dict__.update(
+            {"sync": None, **state, "_xp": importlib.import_module(state["_xp"])}
+        )
 
     def __copy__(self) -> BatchNorm:
         clone = type(self).__new__(type(self))
@@ -264,7 +283,8 @@ class BatchNorm:
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         for name, value in self.__dict__.items():
-            shared = name in ("_xp", "_ctx")  # a module; a read-only record
+            # A module; a read-only record; a process group or communicator.
+            shared = name in ("_xp", "_ctx", "sync")
             setattr(clone, name, value if shared else copy.deepcopy(value, memo))
         return clone
 
@@ -283,6 +303,11 @@ class BatchNorm:
         """Normalize `x` in the current mode; in training mode, also update the
         running statistics and ``num_batches_tracked``."""
         use_batch_stats = self.training or not self.track_running_stats
+        # Inference never communicates: processes may evaluate different numbers
+        # of batches.
+        sync = self.sync if self.training else None
+        if sync is not None:
+            self._check_input(x)  # before the collective, not after it
         try:
             y, ctx = batch_norm_forward(
                 x,
@@ -293,6 +318,7 @@ class BatchNorm:
                 training=use_batch_stats,
                 running_mean=None if use_batch_stats else self.running_mean,
                 running_var=None if use_batch_stats else self.running_var,
+                sync=sync,
             )
         except (TypeError, ValueError):
             # The forward also compares `x` with the layer's arrays; the layer's
