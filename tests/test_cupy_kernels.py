@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cases import KERNEL_LAYOUTS as LAYOUTS
+from cases import kernel_inputs as _inputs
+from cases import step_outputs as _run
 
-import bnarray as bn
 from bnarray import _math
 from bnarray._fast import FORCE_GENERIC_ENV
 
@@ -20,66 +22,9 @@ if not cupy.is_available():
         "CuPy is installed but no CUDA device is available", allow_module_level=True
     )
 
-# (shape, axis): 2-D to 5-D, channels first and last, negative and tuple axes,
-# sizes that are not multiples of the block size, more than one block per
-# thread, a row longer than a block (channels first and last), small images
-# (few values per channel in a row; few and many channels), and layouts that
-# fall back to _math.
-LAYOUTS = [
-    ((1000, 7), -1),
-    ((40_000, 7), -1),
-    ((7, 1001), 0),
-    ((300, 5), 1),
-    ((5, 37, 301), 1),
-    ((129, 11, 3), -1),
-    ((3, 37, 41, 43), 1),
-    ((3, 41, 43, 37), -1),
-    ((3, 41, 43, 38), -1),
-    ((3, 37, 41, 43), -3),
-    ((2, 5, 7, 9, 11), 1),
-    ((2, 7, 9, 11, 5), -1),
-    ((2, 3, 140_001), 1),
-    ((64, 9, 3, 3), 1),
-    ((50, 300, 2, 2), 1),
-    ((4, 2000, 2, 2), 1),
-    ((8, 5, 6, 3), (1, 2)),
-    ((3, 140_001), -1),
-    ((4, 5, 6, 70), (1, 2)),
-    ((4, 5, 6, 70), (0, 2)),
-    ((4, 5, 6, 70), (-3, -1)),
-]
 DTYPES = [np.float64, np.float32, np.float16]
 # |fast - generic| <= TOL * max|generic| per output: a few roundings of the dtype.
 TOL = {np.float64: 1e-11, np.float32: 1e-5, np.float16: 4e-3}
-
-
-def _channel_shape(shape, axis):
-    kept = (axis,) if isinstance(axis, int) else axis
-    return tuple(shape[a] for a in kept)
-
-
-def _inputs(shape, axis, dtype, *, seed=0):
-    rng = np.random.default_rng(seed)
-    cs = _channel_shape(shape, axis)
-    x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    w = rng.uniform(0.5, 1.5, cs).astype(dtype)
-    b = rng.standard_normal(cs).astype(dtype)
-    rm = rng.standard_normal(cs).astype(dtype)
-    rv = rng.uniform(0.5, 2.0, cs).astype(dtype)
-    return x, dy, w, b, rm, rv
-
-
-def _run(x, dy, w, b, rm, rv, *, axis, training):
-    kwargs = (
-        {} if training else {"training": False, "running_mean": rm, "running_var": rv}
-    )
-    y, ctx = bn.batch_norm_forward(x, w, b, axis=axis, **kwargs)
-    dx, dw, db = bn.batch_norm_backward(dy, ctx)
-    out = {"y": y, "mean": ctx.mean, "var": ctx.var, "dx": dx, "dw": dw, "db": db}
-    if training and rm is not None:
-        out["running_mean"], out["running_var"] = bn.update_running_stats(rm, rv, ctx)
-    return out
 
 
 def _assert_matches(fast, generic, dtype):
