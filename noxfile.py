@@ -85,8 +85,11 @@ def tests_numpy(session: nox.Session) -> None:
 
 @nox.session(name="tests-strict", python="3.11")
 def tests_strict(session: nox.Session) -> None:
-    """The test suite on array-api-strict, including its second device."""
-    session.install(".[test]")
+    """The test suite on array-api-strict, including its second device; with
+    CuPy and NVRTC installed (no GPU needed), also the check that the CUDA
+    programs and launches of the CuPy kernels are those of the snapshot, and
+    that every source compiles."""
+    session.install(".[test,cupy]", "nvidia-cuda-nvrtc-cu12")
     _pytest(session, "array_api_strict")
 
 
