@@ -7,7 +7,7 @@ import importlib
 from typing import Any
 
 from . import _math
-from ._compat import Array, Namespace, device, is_jax_namespace
+from ._compat import Array, Namespace, device, is_jax_namespace, is_torch_array
 from ._fast import Kernels
 from .sync import JaxAxis, Synchronizer
 
@@ -75,6 +75,8 @@ def _total_count(
         return local_count * sync.size()
     # Read back to the host (on a GPU, one synchronization): the count decides
     # errors and the Bessel correction, which need a Python number.
+    if is_torch_array(counts):
+        counts = counts.detach()
     return round(float(xp.sum(counts)))
 
 
@@ -110,9 +112,12 @@ def global_moments(
         m2 = xp.reshape(xp.astype(var, wide, copy=False), (channels,)) * float(
             local_count
         )
-    else:  # an empty share still takes part, with n = 0
-        mean = xp.zeros((channels,), dtype=wide, device=where)
-        m2 = xp.zeros((channels,), dtype=wide, device=where)
+    else:
+        # An empty share takes part with n = 0 and zeros: its sums over `x` (not
+        # new arrays), so that autodiff through the collective reaches every
+        # process's `x`, and each runs the collective's backward.
+        mean = xp.reshape(xp.astype(xp.sum(x, axis=reduce_axes), wide), (channels,))
+        m2 = mean
     count = xp.full((1,), float(local_count), dtype=wide, device=where)
     gathered = sync.all_gather(xp.concat([count, mean, m2]))
     gathered = _returned(gathered, (None, 1 + 2 * channels), "all_gather", sync)
