@@ -49,8 +49,7 @@ from typing import Any
 import numpy as np
 
 import bnarray as bn
-from bnarray._fast import FORCE_GENERIC_ENV, NUMBA_ENV, kernels_for
-from bnarray._fast import _numpy as fast_numpy
+from bnarray._fast import FORCE_GENERIC_ENV, NUMBA_ENV, _cpu, kernels_for
 
 SHAPES = [(32, 64, 56, 56), (256, 256, 14, 14), (64, 128, 56, 56)]
 QUICK_SHAPES = [(32, 64, 56, 56)]
@@ -301,7 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     except ImportError:
         torch = None
         print("PyTorch not installed: timing bnarray only", file=sys.stderr)
-    threads = fast_numpy._num_threads()
+    threads = _cpu.num_threads()
     numba = kernels_for(np).__name__.endswith("_numba")
     if not numba:
         print("Numba not installed: timing the NumPy-only kernels", file=sys.stderr)
