@@ -116,10 +116,30 @@ def tests_dask(session: nox.Session) -> None:
     _pytest(session, "dask")
 
 
+@nox.session(name="tests-distributed", python="3.11")
+def tests_distributed(session: nox.Session) -> None:
+    """Synchronized batch norm over real processes on 127.0.0.1 (tests/distributed).
+
+    torch.distributed (gloo) and MPI (mpiexec from PyPI's mpi4py and MPICH) with
+    3 processes each, JAX on 4 host devices with shard_map, and
+    examples/train_digits_distributed.py over 2 processes; every group and
+    process has a bounded timeout.
+    """
+    session.install(
+        ".[test]", TORCH, "jax", "dask[array]", "mpi4py", "mpich",
+        "-r", "examples/requirements.txt",
+    )  # fmt: skip
+    session.env["BNARRAY_DISTRIBUTED_TESTS"] = "1"
+    _pytest(session, "numpy", "tests/distributed")
+
+
 @nox.session(name="tests-cupy", python="3.11", default=False)
 def tests_cupy(session: nox.Session) -> None:
-    """The test suite on CuPy arrays on a GPU; skips, with the reason, without one."""
-    session.install(".[test]", "cupy-cuda12x")
+    """The test suite on CuPy arrays on a GPU; skips, with the reason, without one.
+
+    mpi4py and MPICH let tests/test_sync_cupy.py run CuPy through MPI.
+    """
+    session.install(".[test]", "cupy-cuda12x", "mpi4py", "mpich")
     _pytest(session, "cupy")
     # CuPy imports without a GPU and its tests then skip: say so for the whole
     # session rather than report a success that tested nothing on a GPU.
