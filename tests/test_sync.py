@@ -506,6 +506,18 @@ def test_jax_axis_under_vmap_jit_and_grad(jax_x64, tail, axis):
     np.testing.assert_allclose(np.asarray(grad).reshape(x.shape), dx_ref, **close)
 
 
+def test_jax_axis_docstring_example(jax_x64):
+    jnp = jax_x64.numpy
+    x = jnp.arange(8.0).reshape(4, 2, 1)
+
+    def batch_mean(share):
+        _, ctx = bn.batch_norm_forward(share, sync=JaxAxis("p"))
+        return ctx.mean
+
+    mean = jax_x64.vmap(batch_mean, axis_name="p")(x)
+    assert np.asarray(mean).ravel().tolist() == [3.5, 3.5, 3.5, 3.5]
+
+
 def test_jax_axis_batch_of_one_raises_while_tracing(jax_x64):
     jnp = jax_x64.numpy
     one = jnp.ones((1, 1, 2))  # one participant holding one row

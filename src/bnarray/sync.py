@@ -334,16 +334,16 @@ class JaxAxis:
 
     Examples
     --------
-    Four participants of two rows each, mapped by ``jax.vmap``:
+    Four participants of two rows each, mapped by ``jax.vmap`` (with JAX
+    installed; ``tests/test_sync.py`` runs this)::
 
-    >>> import jax, jax.numpy as jnp
-    >>> import bnarray as bn
-    >>> x = jnp.arange(8.0).reshape(4, 2, 1)            # participant, row, channel
-    >>> def batch_mean(share):
-    ...     y, ctx = bn.batch_norm_forward(share, sync=bn.sync.JaxAxis("p"))
-    ...     return ctx.mean
-    >>> jax.vmap(batch_mean, axis_name="p")(x).ravel().tolist()  # all 8 rows, on each
-    [3.5, 3.5, 3.5, 3.5]
+        x = jnp.arange(8.0).reshape(4, 2, 1)            # participant, row, channel
+
+        def batch_mean(share):
+            _, ctx = bn.batch_norm_forward(share, sync=bn.sync.JaxAxis("p"))
+            return ctx.mean
+
+        jax.vmap(batch_mean, axis_name="p")(x)          # 3.5 (all 8 rows), on each
     """
 
     axis_name: Hashable
