@@ -7,8 +7,11 @@ import numpy as np
 import bnarray as bn
 
 __all__ = [
+    "KERNEL_DTYPES",
     "KERNEL_LAYOUTS",
+    "KERNEL_TOL",
     "LAYOUTS",
+    "assert_matches",
     "channel_shape",
     "kernel_inputs",
     "make_params",
@@ -104,3 +107,19 @@ def step_outputs(x, dy, w, b, rm, rv, *, axis, training):
     if training and rm is not None:
         out["running_mean"], out["running_var"] = bn.update_running_stats(rm, rv, ctx)
     return out
+
+
+KERNEL_DTYPES = [np.float64, np.float32, np.float16]
+# |fast - generic| <= TOL * max|generic| per output: a few roundings of the dtype.
+KERNEL_TOL = {np.float64: 1e-11, np.float32: 1e-5, np.float16: 4e-3}
+
+
+def assert_matches(fast, generic, dtype):
+    for name, expected in generic.items():
+        actual = fast[name]
+        assert actual.dtype == expected.dtype, (name, actual.dtype, expected.dtype)
+        assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+        a, e = actual.astype(np.float64), expected.astype(np.float64)
+        scale = max(float(np.max(np.abs(e))), 1e-30)
+        err = float(np.max(np.abs(a - e))) / scale
+        assert err <= KERNEL_TOL[dtype], (name, err)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cases import KERNEL_DTYPES as DTYPES
 from cases import KERNEL_LAYOUTS as LAYOUTS
+from cases import assert_matches as _assert_matches
 from cases import kernel_inputs as _inputs
 from cases import step_outputs as _run
 
@@ -21,21 +23,6 @@ if not cupy.is_available():
     pytest.skip(
         "CuPy is installed but no CUDA device is available", allow_module_level=True
     )
-
-DTYPES = [np.float64, np.float32, np.float16]
-# |fast - generic| <= TOL * max|generic| per output: a few roundings of the dtype.
-TOL = {np.float64: 1e-11, np.float32: 1e-5, np.float16: 4e-3}
-
-
-def _assert_matches(fast, generic, dtype):
-    for name, expected in generic.items():
-        actual = fast[name]
-        assert actual.dtype == expected.dtype, (name, actual.dtype, expected.dtype)
-        assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
-        a, e = actual.astype(np.float64), expected.astype(np.float64)
-        scale = max(float(np.max(np.abs(e))), 1e-30)
-        err = float(np.max(np.abs(a - e))) / scale
-        assert err <= TOL[dtype], (name, err)
 
 
 @pytest.mark.parametrize(("shape", "axis"), LAYOUTS)
