@@ -9,12 +9,60 @@ import numpy as np
 import pytest
 
 import bnarray as bn
+from bnarray._plans import PLANS
 
 
 def raises(exc, *fragments):
     """pytest.raises whose message must contain every fragment (in any order)."""
     pattern = "".join(f"(?=.*{re.escape(f)})" for f in fragments)
     return pytest.raises(exc, match=re.compile(pattern, re.DOTALL))
+
+
+@pytest.fixture(autouse=True, params=["cold", "warm"])
+def plans(request):
+    """Every test runs twice: with no cached plans, and after good calls have
+    cached plans for arrays of the test's library, dtypes and shapes (the
+    checks a cached plan skips must still catch each bad call)."""
+    PLANS.clear()
+    if request.param == "warm":
+        backend = (
+            request.getfixturevalue("backend")
+            if "backend" in request.fixturenames
+            else None
+        )
+        warm_up(np.asarray if backend is None else backend.asarray)
+    yield request.param
+    PLANS.clear()
+
+
+def warm_up(asarray):
+    """Good calls on (4, 3) arrays and their per-channel arrays, in float64 and float32."""
+    rng = np.random.default_rng(1)
+    for dtype in (np.float64, np.float32):
+        x = asarray(rng.normal(size=(4, 3)).astype(dtype))
+        for axis, shape in [(-1, (3,)), (1, (3,)), (0, (4,)), ((1,), (3,))]:
+            ones = asarray(np.ones(shape, dtype))
+            zeros = asarray(np.zeros(shape, dtype))
+            for eps in (1e-5, 0.0, 1):
+                for weight, bias in [(None, None), (ones, zeros)]:
+                    y, ctx = bn.batch_norm_forward(x, weight, bias, axis=axis, eps=eps)
+                    bn.batch_norm_backward(y, ctx)
+                    bn.update_running_stats(zeros, ones, ctx)
+                    bn.update_running_stats(
+                        zeros, ones, ctx, momentum=None, num_batches_tracked=2
+                    )
+                    y, ctx = bn.batch_norm_forward(
+                        x,
+                        weight,
+                        bias,
+                        axis=axis,
+                        eps=eps,
+                        training=False,
+                        running_mean=zeros,
+                        running_var=ones,
+                    )
+                    bn.batch_norm_backward(y, ctx)
+    assert len(PLANS) > 0
 
 
 @pytest.fixture

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import sys
+from contextlib import suppress
 from dataclasses import dataclass
 
+import numpy as np
+
 from . import _jax, _math
-from ._compat import Array, Namespace, is_jax_namespace
+from ._compat import Array, Namespace, fast_namespace, is_jax_namespace
 from ._distributed import check_sync, global_grad_sums, global_moments
-from ._fast import kernels_for, plan
+from ._fast import Kernels, choose, kernel_env, kernels_for
+from ._plans import PLANS, exact, meta
 from ._validation import (
     check_batch_count,
     check_bool,
@@ -226,7 +230,63 @@ def batch_norm_forward(
     >>> ctx.mean, ctx.var
     (array([ 2., 20.]), array([  1., 100.]))
     """
-    xp = namespace_of(
+    key = None
+    # A synchronizer is checked on every call; what is not an array has no
+    # key, and the checks say which argument it is.
+    if sync is None:
+        with suppress(AttributeError):
+            key = (
+                _FORWARD,
+                kernel_env(),
+                meta(x),
+                exact(axis),
+                exact(eps),
+                exact(training),
+                meta(weight),
+                meta(bias),
+                meta(running_mean),
+                meta(running_var),
+            )
+    call = PLANS.get(key)
+    if call is None:
+        call = _forward_plan(
+            x, weight, bias, axis, eps, training, running_mean, running_var, sync
+        )
+        PLANS.put(key, call)
+    elif not call.one_device:
+        _same_device(x, weight, bias, running_mean, running_var)
+    return _forward(call, x, weight, bias, running_mean, running_var, axis, sync)
+
+
+@dataclass(frozen=True)
+class _ForwardPlan:
+    """What the checks of a forward call decide (see :mod:`bnarray._plans`)."""
+
+    xp: Namespace
+    kernels: Kernels
+    contiguous: bool  # the kernels read C-contiguous arrays
+    one_device: bool  # NumPy arrays: no devices to compare on later calls
+    kept: tuple[int, ...]
+    reduce_axes: tuple[int, ...]
+    channel_shape: tuple[int, ...]
+    shape: tuple[int, ...]  # the broadcast shape of per-channel arrays
+    dtype: object  # the compute dtype
+    count: int
+    eps: float
+    training: bool
+
+
+_FORWARD, _BACKWARD, _UPDATE = "forward", "backward", "update"
+
+
+def _same_device(
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    running_mean: Array | None,
+    running_var: Array | None,
+) -> Namespace:
+    return namespace_of(
         {
             "x": x,
             "weight": weight,
@@ -235,14 +295,28 @@ def batch_norm_forward(
             "running_var": running_var,
         }
     )
+
+
+def _forward_plan(
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    axis: object,
+    eps: object,
+    training: object,
+    running_mean: Array | None,
+    running_var: Array | None,
+    sync: object,
+) -> _ForwardPlan:
+    """Every check of :func:`batch_norm_forward`, in order, and what they decide."""
+    xp = _same_device(x, weight, bias, running_mean, running_var)
     if is_jax_namespace(xp):
         _register_context_pytree()
     check_x(x, xp)
-    kept = normalize_axis(axis, x.ndim)
+    kept = normalize_axis(axis, x.ndim)  # type: ignore[arg-type]
     eps = check_eps(eps)
     training = check_bool(training, "training")
-    sync = check_sync(sync)
-    synced = training and sync is not None
+    synced = training and check_sync(sync) is not None
     channel_shape = tuple(x.shape[a] for a in kept)
     for name, a in [
         ("weight", weight),
@@ -253,28 +327,54 @@ def batch_norm_forward(
         check_channel_array(a, name, channel_shape, xp)
     reduce_axes = tuple(a for a in range(x.ndim) if a not in kept)
     count = reduce_count(tuple(x.shape), reduce_axes)
-
     check_statistics_source(training, running_mean, running_var)
     if training and not synced:  # with `sync`, the count over all processes decides
         check_batch_count(count, tuple(x.shape), axis)
+    kernels, contiguous = choose(x.dtype, x.size, kept, xp)
+    arrays = (x, weight, bias, running_mean, running_var)
+    return _ForwardPlan(
+        xp=fast_namespace(xp),
+        kernels=kernels,
+        contiguous=contiguous,
+        one_device=all(a is None or type(a) is np.ndarray for a in arrays),
+        kept=kept,
+        reduce_axes=reduce_axes,
+        channel_shape=channel_shape,
+        shape=_broadcast_shape(tuple(x.shape), kept),
+        dtype=_math.compute_dtype(x.dtype, xp),
+        count=count,
+        eps=eps,
+        training=training,
+    )
 
-    run = plan(x, kept, xp)
-    kernels = run.kernels
-    dtype = _math.compute_dtype(x.dtype, xp)
-    shape = _broadcast_shape(tuple(x.shape), kept)
-    if training and sync is not None:
+
+def _forward(
+    call: _ForwardPlan,
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    running_mean: Array | None,
+    running_var: Array | None,
+    axis: object,
+    sync: Synchronizer | None,
+) -> tuple[Array, BatchNormContext]:
+    xp, kernels, shape, dtype = call.xp, call.kernels, call.shape, call.dtype
+    xs = np.ascontiguousarray(x) if call.contiguous else x
+    count = call.count
+    if call.training and sync is not None:
         mean, var, count = global_moments(
-            run.x, reduce_axes, count, sync, axis=axis, kernels=kernels, xp=xp
+            xs, call.reduce_axes, count, sync, axis=axis, kernels=kernels, xp=xp
         )
-    elif training:
-        mean, var = kernels.batch_stats(run.x, reduce_axes, xp=xp)
+    elif call.training:
+        mean, var = kernels.batch_stats(xs, call.reduce_axes, xp=xp)
     else:
         mean = _as_stat(running_mean, shape, dtype, xp)
         var = _as_stat(running_var, shape, dtype, xp)
     gamma = _as_stat(weight, shape, dtype, xp)
-    invstd, scale = kernels.forward_scales(var, gamma, eps, xp=xp)
+    invstd, scale = kernels.forward_scales(var, gamma, call.eps, xp=xp)
     beta = _as_stat(bias, shape, dtype, xp)
-    y = kernels.normalize(run.x, mean, scale, beta, xp=xp)
+    y = kernels.normalize(xs, mean, scale, beta, xp=xp)
+    channel_shape = call.channel_shape
     ctx = BatchNormContext(
         x=x,
         weight=weight,
@@ -282,9 +382,9 @@ def batch_norm_forward(
         var=xp.reshape(var, channel_shape),
         invstd=xp.reshape(invstd, channel_shape),
         count=count,
-        axis=kept,
-        training=training,
-        eps=eps,
+        axis=call.kept,
+        training=call.training,
+        eps=call.eps,
         sync=sync,
     )
     return y, ctx
@@ -367,25 +467,34 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
     """
     ctx = _check_ctx(ctx)
     x = ctx.x
-    xp = namespace_of({"dy": dy, "x": x})
-    check_x(dy, xp, name="dy")
-    if dy.dtype != x.dtype:
-        msg = f"`dy` must have the dtype of `x` ({x.dtype}), got {dy.dtype}"
-        raise TypeError(msg)
-    if tuple(dy.shape) != tuple(x.shape):
-        msg = f"`dy` must have the shape of `x` {tuple(x.shape)}, got {tuple(dy.shape)}"
-        raise ValueError(msg)
-
-    run = plan(x, ctx.axis, xp, dy)
-    kernels = run.kernels
-    reduce_axes = ctx.reduce_axes
-    shape = _broadcast_shape(tuple(x.shape), ctx.axis)
-    dtype = ctx.mean.dtype
+    try:
+        key = (
+            _BACKWARD,
+            kernel_env(),
+            meta(dy),
+            meta(x),
+            ctx.axis,
+            ctx.training,
+            meta(ctx.weight),
+            meta(ctx.mean),
+        )
+    except AttributeError:
+        key = None
+    call = PLANS.get(key)
+    if call is None:
+        call = _backward_plan(dy, ctx)
+        PLANS.put(key, call)
+    elif not call.one_device:
+        namespace_of({"dy": dy, "x": x})
+    xp, kernels, shape, dtype = call.xp, call.kernels, call.shape, call.dtype
+    if call.contiguous:
+        x, dy = np.ascontiguousarray(x), np.ascontiguousarray(dy)
+    reduce_axes = call.reduce_axes
     mean = xp.reshape(ctx.mean, shape)
     invstd = xp.reshape(ctx.invstd, shape)
     gamma = _as_stat(ctx.weight, shape, dtype, xp)
 
-    sum_dy, sum_dy_xc = kernels.grad_sums(run.dy, run.x, mean, reduce_axes, xp=xp)
+    sum_dy, sum_dy_xc = kernels.grad_sums(dy, x, mean, reduce_axes, xp=xp)
     if ctx.training and ctx.sync is not None:
         total_dy, total_dy_xc = global_grad_sums(sum_dy, sum_dy_xc, ctx.sync, xp=xp)
         _, dy_scale, xc_scale, shift = kernels.backward_scales(
@@ -396,15 +505,54 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
         dweight, dy_scale, xc_scale, shift = kernels.backward_scales(
             sum_dy, sum_dy_xc, invstd, gamma, ctx.count, training=ctx.training, xp=xp
         )
-    dx = kernels.grad_input(run.dy, run.x, mean, dy_scale, xc_scale, shift, xp=xp)
+    dx = kernels.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp)
+    channel_shape, param_dtype = call.channel_shape, call.param_dtype
+    return (
+        dx,
+        xp.astype(xp.reshape(dweight, channel_shape), param_dtype, copy=False),
+        xp.astype(xp.reshape(sum_dy, channel_shape), param_dtype, copy=False),
+    )
 
-    param_dtype = dtype if ctx.weight is None else ctx.weight.dtype
-    channel_shape = tuple(ctx.mean.shape)
 
-    def as_param(a: Array) -> Array:
-        return xp.astype(xp.reshape(a, channel_shape), param_dtype, copy=False)
+@dataclass(frozen=True)
+class _BackwardPlan:
+    """What the checks of a backward call decide (see :mod:`bnarray._plans`)."""
 
-    return dx, as_param(dweight), as_param(sum_dy)
+    xp: Namespace
+    kernels: Kernels
+    contiguous: bool
+    one_device: bool
+    reduce_axes: tuple[int, ...]
+    channel_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: object  # the compute dtype: the statistics'
+    param_dtype: object  # of dweight and dbias
+
+
+def _backward_plan(dy: Array, ctx: BatchNormContext) -> _BackwardPlan:
+    """Every check of :func:`batch_norm_backward`, in order, and what they decide."""
+    x = ctx.x
+    xp = namespace_of({"dy": dy, "x": x})
+    check_x(dy, xp, name="dy")
+    if dy.dtype != x.dtype:
+        msg = f"`dy` must have the dtype of `x` ({x.dtype}), got {dy.dtype}"
+        raise TypeError(msg)
+    if tuple(dy.shape) != tuple(x.shape):
+        msg = f"`dy` must have the shape of `x` {tuple(x.shape)}, got {tuple(dy.shape)}"
+        raise ValueError(msg)
+    kernels, contiguous = choose(x.dtype, x.size, ctx.axis, xp, dy.dtype)
+    dtype = ctx.mean.dtype
+    return _BackwardPlan(
+        xp=fast_namespace(xp),
+        kernels=kernels,
+        contiguous=contiguous,
+        one_device=type(x) is np.ndarray and type(dy) is np.ndarray,
+        reduce_axes=ctx.reduce_axes,
+        channel_shape=tuple(ctx.mean.shape),
+        shape=_broadcast_shape(tuple(x.shape), ctx.axis),
+        dtype=dtype,
+        param_dtype=dtype if ctx.weight is None else ctx.weight.dtype,
+    )
 
 
 def update_running_stats(
@@ -472,6 +620,60 @@ def update_running_stats(
     (array([1.]), array([1.5]))
     """
     ctx = _check_ctx(ctx)
+    try:
+        key = (
+            _UPDATE,
+            kernel_env(),
+            meta(running_mean),
+            meta(running_var),
+            meta(ctx.mean),
+            ctx.training,
+            exact(momentum),
+        )
+    except AttributeError:
+        key = None
+    call = PLANS.get(key)
+    if call is None:
+        call = _update_plan(running_mean, running_var, ctx, momentum)
+        PLANS.put(key, call)
+    elif not call.one_device:
+        namespace_of(
+            {"running_mean": running_mean, "running_var": running_var, "ctx": ctx.mean}
+        )
+    xp, momentum = call.xp, call.momentum
+    n = check_num_batches_tracked(num_batches_tracked, required=momentum is None)
+
+    factor = momentum if momentum is not None else 1.0 / n  # type: ignore[operator]
+    bessel = ctx.count / (ctx.count - 1)
+    new_mean: Array
+    new_var: Array
+    new_mean, new_var = call.kernels.running_update(
+        running_mean,
+        running_var,
+        ctx.mean,
+        ctx.var,
+        factor=factor,
+        bessel=bessel,
+        xp=xp,
+    )
+    return new_mean, new_var
+
+
+@dataclass(frozen=True)
+class _UpdatePlan:
+    """What the checks of an update decide (see :mod:`bnarray._plans`)."""
+
+    xp: Namespace
+    kernels: Kernels
+    one_device: bool
+    momentum: float | None
+
+
+def _update_plan(
+    running_mean: Array, running_var: Array, ctx: BatchNormContext, momentum: object
+) -> _UpdatePlan:
+    """The checks of :func:`update_running_stats` but that of
+    `num_batches_tracked`, in order, and what they decide."""
     xp = namespace_of(
         {"running_mean": running_mean, "running_var": running_var, "ctx": ctx.mean}
     )
@@ -484,23 +686,14 @@ def update_running_stats(
             "statistics are updated from training batches only"
         )
         raise ValueError(msg)
-    momentum = check_momentum(momentum)
-    n = check_num_batches_tracked(num_batches_tracked, required=momentum is None)
+    checked = check_momentum(momentum)
     channel_shape = tuple(ctx.mean.shape)
     check_channel_array(running_mean, "running_mean", channel_shape, xp)
     check_channel_array(running_var, "running_var", channel_shape, xp)
-
-    factor = momentum if momentum is not None else 1.0 / n  # type: ignore[operator]
-    bessel = ctx.count / (ctx.count - 1)
-    new_mean: Array
-    new_var: Array
-    new_mean, new_var = kernels_for(xp).running_update(
-        running_mean,
-        running_var,
-        ctx.mean,
-        ctx.var,
-        factor=factor,
-        bessel=bessel,
-        xp=xp,
+    arrays = (running_mean, running_var, ctx.mean)
+    return _UpdatePlan(
+        xp=fast_namespace(xp),
+        kernels=kernels_for(xp),
+        one_device=all(type(a) is np.ndarray for a in arrays),
+        momentum=checked,
     )
-    return new_mean, new_var

@@ -214,6 +214,8 @@ def check_num_batches_tracked(
 def check_integer(value: object, name: str) -> int:
     """A Python int, a NumPy integer or a 0-d integer array of any library, as an
     int; bools and floats (even integral ones) are refused."""
+    if type(value) is int:
+        return value
     array: Any = value
     if is_array_api_obj(value):
         if not array_namespace(array).isdtype(array.dtype, "integral"):

@@ -13,7 +13,16 @@ from typing import Any, Protocol, cast
 from .. import _math
 from .._compat import Array, Namespace, is_cupy_namespace, is_numpy_namespace
 
-__all__ = ["FORCE_GENERIC_ENV", "NUMBA_ENV", "Kernels", "Plan", "kernels_for", "plan"]
+__all__ = [
+    "FORCE_GENERIC_ENV",
+    "NUMBA_ENV",
+    "Kernels",
+    "Plan",
+    "choose",
+    "kernel_env",
+    "kernels_for",
+    "plan",
+]
 
 
 class Kernels(Protocol):
@@ -93,6 +102,12 @@ NUMBA_ENV = "BNARRAY_NUMBA"
 """Set this environment variable to ``0`` to run NumPy arrays without Numba when it is installed."""
 
 
+def kernel_env() -> tuple[str | None, str | None]:
+    """The environment variables that :func:`kernels_for` reads, for the keys
+    of cached plans: a plan made under other values does not serve."""
+    return os.environ.get(FORCE_GENERIC_ENV), os.environ.get(NUMBA_ENV)
+
+
 @functools.cache
 def _numba_kernels() -> ModuleType | None:
     """The Numba kernels, or None where Numba is not installed or cannot be used."""
@@ -157,34 +172,55 @@ class Plan:
     dy: Array | None = None
 
 
-def plan(
-    x: Array, kept: tuple[int, ...], xp: Namespace, dy: Array | None = None
-) -> Plan:
-    """The kernels for `x` (and `dy`) with channel axes `kept`, decided once per call.
+def choose(
+    dtype: Any, size: int, kept: tuple[int, ...], xp: Namespace, dy_dtype: Any = None
+) -> tuple[Kernels, bool]:
+    """The kernels for an `x` of `dtype` and `size` with channel axes `kept`
+    (and a `dy` of `dy_dtype`), and whether they read C-contiguous arrays.
 
-    The NumPy and Numba kernels take every strided layout, through a
-    C-contiguous copy made here once (`x` itself where it is C-contiguous
-    already); channel axes that are not adjacent, empty arrays and dtypes
-    their loops do not take go to the generic kernels, and so does float16
-    for the Numba loops where the CPU cannot convert it in hardware (to the
-    NumPy kernels). Other namespaces get :func:`kernels_for` as they are.
+    Metadata only, so that a cached plan can hold the choice; :func:`plan`
+    applies it to arrays. The NumPy and Numba kernels take every strided
+    layout through a C-contiguous copy; channel axes that are not adjacent,
+    empty arrays and dtypes their loops do not take go to the generic
+    kernels, and so does float16 for the Numba loops where the CPU cannot
+    convert it in hardware (to the NumPy kernels). Other namespaces get
+    :func:`kernels_for` as they are.
     """
     kernels = kernels_for(xp)
     module = cast(Any, kernels).__name__
     if module not in ("bnarray._fast._numpy", "bnarray._fast._numba"):
-        return Plan(kernels, x, dy)
+        return kernels, False
     import numpy as np
 
     from . import _cpu
 
-    if not _cpu.serves(x, kept) or (dy is not None and dy.dtype != x.dtype):
-        return Plan(_as_kernels(_math), x, dy)
-    if module == "bnarray._fast._numba" and x.dtype == np.float16:
+    if not _cpu.serves(dtype, size, kept) or (
+        dy_dtype is not None and dy_dtype != dtype
+    ):
+        return _as_kernels(_math), False
+    if module == "bnarray._fast._numba" and dtype == np.float16:
         from . import _numba
 
         if not _numba.HARDWARE_HALF:
             from . import _numpy
 
             kernels = _as_kernels(_numpy)
-    contiguous = np.ascontiguousarray
-    return Plan(kernels, contiguous(x), None if dy is None else contiguous(dy))
+    return kernels, True
+
+
+def plan(
+    x: Array, kept: tuple[int, ...], xp: Namespace, dy: Array | None = None
+) -> Plan:
+    """The kernels for `x` (and `dy`) with channel axes `kept` (see
+    :func:`choose`), and the arrays as they read them: a C-contiguous copy,
+    made here once, of an array the CPU kernels take in another layout (`x`
+    itself where it is C-contiguous already)."""
+    kernels, contiguous = choose(
+        x.dtype, x.size, kept, xp, None if dy is None else dy.dtype
+    )
+    if not contiguous:
+        return Plan(kernels, x, dy)
+    import numpy as np
+
+    c = np.ascontiguousarray
+    return Plan(kernels, c(x), None if dy is None else c(dy))

@@ -80,12 +80,13 @@ def compute_dtype(dtype: np.dtype) -> np.dtype:
     return compute
 
 
-def serves(x: np.ndarray, kept: tuple[int, ...]) -> bool:
-    """Whether the CPU loops take `x` with channel axes `kept` (sorted): a float
-    dtype of native byte order, at least one element, adjacent channel axes.
-    Any strides: :func:`bnarray._fast.plan` makes a C-contiguous copy."""
+def serves(dtype: Any, size: int, kept: tuple[int, ...]) -> bool:
+    """Whether the CPU loops take an `x` of `dtype` and `size` with channel axes
+    `kept` (sorted): a float dtype of native byte order, at least one element,
+    adjacent channel axes. Any strides: :func:`bnarray._fast.plan` makes a
+    C-contiguous copy."""
     adjacent = not kept or kept[-1] + 1 - kept[0] == len(kept)
-    return x.dtype in FLOATS and x.size > 0 and adjacent
+    return dtype in FLOATS and size > 0 and adjacent
 
 
 def view3(x: np.ndarray, channel_shape: tuple[int, ...]) -> np.ndarray:
