@@ -414,6 +414,7 @@ def update_running_stats(
     *,
     momentum: float | None = 0.1,
     num_batches_tracked: int | None = None,
+    unbiased: bool = True,
 ) -> tuple[Array, Array]:
     r"""New running statistics after a training batch (PyTorch and cuDNN convention).
 
@@ -425,7 +426,9 @@ def update_running_stats(
 
     with :math:`\alpha` = `momentum`, or :math:`\alpha = 1/n` (`momentum` None,
     a cumulative average over the :math:`n` = `num_batches_tracked` batches so
-    far). The running variance uses the unbiased batch variance.
+    far). The running variance uses the unbiased batch variance, or with
+    ``unbiased=False`` the biased :math:`\sigma_B^2` itself (no factor
+    :math:`m/(m-1)`), as Keras 3, Flax, Haiku and Equinox store it.
 
     The context of a synchronized forward pass holds the statistics and the
     count of the whole batch over all processes: every process computes the
@@ -447,6 +450,10 @@ def update_running_stats(
     num_batches_tracked : int, optional
         Number of batches seen including this one; required when `momentum`
         is None.
+    unbiased : bool, default True
+        Whether the running variance averages the unbiased batch variances
+        (PyTorch, cuDNN, Chainer) or the biased ones (``False``: Keras, Flax,
+        Haiku, Equinox). A Python or NumPy bool.
 
     Returns
     -------
@@ -457,7 +464,7 @@ def update_running_stats(
     ------
     TypeError
         Non-array statistics, a `ctx` that is not a BatchNormContext, arrays of
-        different libraries, a non-number `momentum`.
+        different libraries, a non-number `momentum`, a non-bool `unbiased`.
     ValueError
         Shapes that do not match `ctx`, an inference `ctx`, `momentum` outside
         [0, 1], a missing `num_batches_tracked` with ``momentum=None``.
@@ -470,6 +477,9 @@ def update_running_stats(
     >>> _, ctx = bn.batch_norm_forward(x)
     >>> bn.update_running_stats(np.zeros(1), np.ones(1), ctx, momentum=0.5)
     (array([1.]), array([1.5]))
+    >>> bn.update_running_stats(np.zeros(1), np.ones(1), ctx, momentum=0.5,
+    ...                         unbiased=False)
+    (array([1.]), array([1.]))
     """
     ctx = _check_ctx(ctx)
     xp = namespace_of(
@@ -486,12 +496,13 @@ def update_running_stats(
         raise ValueError(msg)
     momentum = check_momentum(momentum)
     n = check_num_batches_tracked(num_batches_tracked, required=momentum is None)
+    unbiased = check_bool(unbiased, "unbiased")
     channel_shape = tuple(ctx.mean.shape)
     check_channel_array(running_mean, "running_mean", channel_shape, xp)
     check_channel_array(running_var, "running_var", channel_shape, xp)
 
     factor = momentum if momentum is not None else 1.0 / n  # type: ignore[operator]
-    bessel = ctx.count / (ctx.count - 1)
+    bessel = ctx.count / (ctx.count - 1) if unbiased else 1.0
     new_mean: Array
     new_var: Array
     new_mean, new_var = kernels_for(xp).running_update(
