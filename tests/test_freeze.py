@@ -6,7 +6,6 @@ import copy
 import pickle
 
 import numpy as np
-import pytest
 import reference
 from checks import assert_close
 
