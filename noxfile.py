@@ -36,6 +36,8 @@ KERNEL_TESTS = [
 # and of the optional Numba.
 OLDEST = {"numpy": "1.26.0", "array-api-compat": "1.13.0"}
 OLDEST_NUMBA = {"numba": "0.60.0"}
+# The other frameworks that tests/test_frameworks.py runs as oracles.
+FRAMEWORKS = {"keras": "3.15.1", "flax": "0.12.8", "jax": "0.10.2"}
 LINTERS = ["ruff==0.17.6", "mypy==2.4.1"]
 WORKFLOW_CHECKERS = ["check-jsonschema==0.39.0", "zizmor==1.32.0", "pre-commit==4.7.0"]
 PACKAGING = [
@@ -114,6 +116,22 @@ def tests_dask(session: nox.Session) -> None:
     """The test suite on chunked Dask arrays, plus laziness and a local cluster."""
     session.install(".[test]", "dask[array]", "distributed")
     _pytest(session, "dask")
+
+
+@nox.session(name="tests-keras", python="3.11")
+def tests_keras(session: nox.Session) -> None:
+    """Keras 3 (on PyTorch) and Flax as oracles (tests/test_frameworks.py).
+
+    Several training steps give the outputs and running statistics of bnarray
+    with the converted momentum, eps and ``unbiased=False``, and state dicts
+    move both ways. Here a missing framework fails the tests instead of
+    skipping them.
+    """
+    session.install(".[test]", TORCH, *_pins(FRAMEWORKS))
+    _require_installed(session, FRAMEWORKS)
+    session.env["KERAS_BACKEND"] = "torch"
+    session.env["BNARRAY_REQUIRE_FRAMEWORKS"] = "1"
+    _pytest(session, "numpy", "tests/test_frameworks.py")
 
 
 @nox.session(name="tests-distributed", python="3.11")

@@ -105,14 +105,22 @@ def backward(
 
 
 def update_running_stats(
-    running_mean, running_var, x, *, axis=-1, momentum=0.1, num_batches_tracked=None
+    running_mean,
+    running_var,
+    x,
+    *,
+    axis=-1,
+    momentum=0.1,
+    num_batches_tracked=None,
+    unbiased=True,
 ):
-    """PyTorch's update: unbiased batch variance; momentum None = cumulative average."""
+    """PyTorch's update: unbiased batch variance (biased with `unbiased` False, as
+    Keras and Flax); momentum None = cumulative average."""
     _, mean, var = forward(x, axis=axis)
     kept = _kept_axes(axis, np.ndim(x))
     m = np.prod([np.shape(x)[i] for i in range(np.ndim(x)) if i not in kept])
-    unbiased = var * m / (m - 1)
+    batch_var = var * m / (m - 1) if unbiased else var
     factor = 1.0 / num_batches_tracked if momentum is None else momentum
     new_mean = (1 - factor) * np.asarray(running_mean, np.float64) + factor * mean
-    new_var = (1 - factor) * np.asarray(running_var, np.float64) + factor * unbiased
+    new_var = (1 - factor) * np.asarray(running_var, np.float64) + factor * batch_var
     return new_mean, new_var

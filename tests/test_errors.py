@@ -429,3 +429,172 @@ class TestLoadStateDict:
             "integer",
             "float64",
         )
+
+
+@pytest.mark.parametrize(
+    ("flag", "exc", "fragments"),
+    [(1, TypeError, ["int", "1"]), ("no", TypeError, ["'no'"])],
+)
+def test_unbiased_must_be_a_bool(backend, x, ones3, flag, exc, fragments):
+    _, ctx = bn.batch_norm_forward(x)
+    with raises(exc, "`unbiased`", *fragments):
+        bn.update_running_stats(ones3, ones3, ctx, unbiased=flag)
+    with raises(exc, "`unbiased`", *fragments):
+        bn.BatchNorm(3, unbiased=flag)
+    with raises(exc, "`unbiased`", *fragments):
+        bn.population_stats([x], unbiased=flag)
+
+
+@pytest.mark.parametrize(
+    ("convention", "exc", "fragments"),
+    [
+        ("tf", ValueError, ["'tf'", "'torch', 'keras', 'flax'"]),
+        ("Keras", ValueError, ["'Keras'", "'keras'"]),
+        (None, TypeError, ["NoneType", "'torch', 'keras', 'flax'"]),
+        (["torch"], TypeError, ["list", "['torch']"]),
+    ],
+)
+def test_convention_must_be_known(convention, exc, fragments):
+    layer = bn.BatchNorm(3)
+    with raises(exc, "`convention`", *fragments):
+        layer.state_dict(convention=convention)
+    with raises(exc, "`convention`", *fragments):
+        layer.load_state_dict(layer.state_dict(), convention=convention)
+
+
+def test_convention_is_keyword_only():
+    layer = bn.BatchNorm(3)
+    with pytest.raises(TypeError):
+        layer.state_dict("keras")
+    with pytest.raises(TypeError):
+        layer.load_state_dict(layer.state_dict(), True, "torch")
+
+
+@pytest.mark.parametrize(
+    ("saved", "loaded", "fragments"),
+    [
+        ("torch", "keras", ["'gamma'", "'weight'", "convention='keras'",
+                            "those of convention='torch'"]),
+        ("keras", "torch", ["'weight'", "'gamma'", "those of convention='keras'"]),
+        ("flax", "keras", ["'moving_mean'", "'mean'", "those of convention='flax'"]),
+        ("keras", "flax", ["'scale'", "'moving_variance'"]),
+    ],
+)  # fmt: skip
+def test_keys_of_another_convention_name_it(backend, saved, loaded, fragments):
+    layer = bn.BatchNorm(3, xp=backend.lib, device=backend.device)
+    layer(backend.asarray(np.random.default_rng(0).normal(size=(4, 3))))
+    before = {k: backend.to_numpy(v) for k, v in layer.state_dict().items()}
+    saved_state = layer.state_dict(convention=saved)
+    state = {k: backend.to_numpy(v) * 2 for k, v in saved_state.items()}
+    with raises(
+        ValueError, "`state_dict`", "missing keys", "unexpected keys", *fragments
+    ):
+        layer.load_state_dict(state, convention=loaded)
+    after = {k: backend.to_numpy(v) for k, v in layer.state_dict().items()}
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
+
+
+def test_keras_entry_errors_name_the_keras_key(backend):
+    layer = bn.BatchNorm(3, xp=backend.lib, device=backend.device)
+    state = dict.fromkeys(["gamma", "beta", "moving_mean"], np.ones(3))
+    state["moving_variance"] = np.ones((1, 3))
+    with raises(ValueError, "`state_dict['moving_variance']`", "(3,)", "(1, 3)"):
+        layer.load_state_dict(state, convention="keras")
+
+
+def test_freeze_needs_running_statistics():
+    with raises(ValueError, "`freeze`", "track_running_stats=False"):
+        bn.BatchNorm(3, track_running_stats=False).freeze()
+
+
+class TestRecomputeRunningStats:
+    """Bad batches name the batch and what is wrong, and leave the layer unchanged."""
+
+    @pytest.fixture
+    def layer(self, backend):
+        layer = bn.BatchNorm(3, xp=backend.lib, device=backend.device)
+        layer(backend.asarray(np.random.default_rng(1).normal(size=(4, 3))))
+        return layer
+
+    def check_unchanged(self, backend, layer, batches, exc, *fragments):
+        before = {k: backend.to_numpy(v) for k, v in layer.state_dict().items()}
+        with raises(exc, *fragments):
+            layer.recompute_running_stats(batches)
+        after = {k: backend.to_numpy(v) for k, v in layer.state_dict().items()}
+        for k in before:
+            np.testing.assert_array_equal(before[k], after[k])
+
+    def test_empty(self, backend, layer):
+        self.check_unchanged(backend, layer, [], ValueError, "`batches`", "empty")
+        self.check_unchanged(backend, layer, iter(()), ValueError, "`batches`", "empty")
+
+    def test_one_value_in_all(self, backend, layer):
+        batches = [backend.asarray(np.ones((1, 3)))]
+        self.check_unchanged(
+            backend, layer, batches, ValueError, "`batches`", "1 value", "2"
+        )
+
+    def test_wrong_channel_shape_in_a_later_batch(self, backend, layer):
+        batches = [backend.asarray(np.ones((4, 3))), backend.asarray(np.ones((4, 5)))]
+        self.check_unchanged(
+            backend,
+            layer,
+            batches,
+            ValueError,
+            "`batches[1]`",
+            "(4, 5)",
+            "(5,)",
+            "(3,)",
+        )
+
+    def test_not_an_iterable(self, backend, layer):
+        self.check_unchanged(
+            backend, layer, 3.0, TypeError, "`batches`", "float", "3.0"
+        )
+        self.check_unchanged(backend, layer, "abc", TypeError, "`batches`", "'abc'")
+
+    def test_one_array_instead_of_a_list(self, backend, layer):
+        x = backend.asarray(np.ones((4, 3)))
+        self.check_unchanged(backend, layer, x, TypeError, "`batches`", "(4, 3)", "[x]")
+
+    def test_not_an_array(self, backend, layer):
+        batches = [backend.asarray(np.ones((4, 3))), [[1.0, 2.0, 3.0]]]
+        self.check_unchanged(backend, layer, batches, TypeError, "`batches[1]`", "list")
+
+    def test_integer_batch(self, backend, layer):
+        batches = [backend.asarray(np.ones((4, 3), dtype=np.int64))]
+        self.check_unchanged(
+            backend, layer, batches, TypeError, "`batches[0]`", "floating"
+        )
+
+    def test_mixed_libraries(self, backend, layer):
+        torch = pytest.importorskip("torch")
+        other = np.ones((4, 3)) if backend.lib is torch else torch.ones(4, 3)
+        batches = [backend.asarray(np.ones((4, 3))), other]
+        self.check_unchanged(
+            backend,
+            layer,
+            batches,
+            TypeError,
+            "`batches[1]`",
+            "`running_mean`",
+            "one library",
+        )
+
+    def test_layer_without_running_statistics(self, backend):
+        layer = bn.BatchNorm(3, track_running_stats=False, xp=backend.lib)
+        with raises(
+            ValueError, "`recompute_running_stats`", "track_running_stats=False"
+        ):
+            layer.recompute_running_stats([backend.asarray(np.ones((4, 3)))])
+
+
+def test_population_stats_errors(backend):
+    x = backend.asarray(np.ones((4, 3)))
+    with raises(ValueError, "`batches`", "empty"):
+        bn.population_stats([])
+    with raises(ValueError, "`batches[1]`", "(4, 2)", "(3,)"):
+        bn.population_stats([x, backend.asarray(np.ones((4, 2)))])
+    with raises(ValueError, "`axis`", "5"):
+        bn.population_stats([x], axis=5)

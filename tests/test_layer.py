@@ -259,7 +259,8 @@ def test_dtype_argument_sets_parameter_dtype(backend):
 
 def test_repr_names_the_configuration():
     assert repr(bn.BatchNorm(4, axis=1, momentum=None)) == (
-        "BatchNorm(4, axis=1, eps=1e-05, momentum=None, affine=True, track_running_stats=True)"
+        "BatchNorm(4, axis=1, eps=1e-05, momentum=None, affine=True, track_running_stats=True, "
+        "unbiased=True)"
     )
 
 

@@ -73,3 +73,50 @@ def test_channel_shape_of_tuple_axis(backend):
     assert ctx.axis == (1, 3)
     new_mean, _ = bn.update_running_stats(backend.asarray(rm), backend.asarray(rv), ctx)
     assert tuple(new_mean.shape) == (3, 2)
+
+
+@pytest.mark.parametrize(("shape", "axis"), LAYOUTS)
+@pytest.mark.parametrize("momentum", [0.1, 0.01, None])
+def test_biased_update_matches_reference(backend, shape, axis, momentum):
+    x, _, _, rm, rv = make_params(shape, axis)
+    _, ctx = bn.batch_norm_forward(backend.asarray(x), axis=axis)
+    rmb, rvb = backend.asarray(rm), backend.asarray(rv)
+    new_mean, new_var = bn.update_running_stats(
+        rmb, rvb, ctx, momentum=momentum, num_batches_tracked=3, unbiased=False
+    )
+    mean_ref, var_ref = reference.update_running_stats(
+        rm, rv, x, axis=axis, momentum=momentum, num_batches_tracked=3, unbiased=False
+    )
+    assert_close(backend, new_mean, mean_ref, like=rmb)
+    assert_close(backend, new_var, var_ref, like=rvb)
+
+
+def test_unbiased_false_keeps_the_batch_variance(backend):
+    x = np.array([[1.0], [3.0]])  # biased var 1, unbiased var 2
+    _, ctx = bn.batch_norm_forward(backend.asarray(x))
+    _, new_var = bn.update_running_stats(
+        backend.asarray(np.zeros(1)),
+        backend.asarray(np.zeros(1)),
+        ctx,
+        momentum=1.0,
+        unbiased=np.bool_(False),
+    )
+    assert_close(backend, new_var, np.array([1.0]), like=ctx.var)
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_layer_passes_unbiased_to_the_update(backend, unbiased):
+    rng = np.random.default_rng(3)
+    batches = [rng.normal(1.0, 2.0, size=(6, 2)) for _ in range(3)]
+    layer = bn.BatchNorm(
+        2, momentum=0.3, unbiased=unbiased, xp=backend.lib, dtype=backend.xp.float64,
+        device=backend.device,
+    )  # fmt: skip
+    mean, var = np.zeros(2), np.ones(2)
+    for batch in batches:
+        layer(backend.asarray(batch))
+        mean, var = reference.update_running_stats(
+            mean, var, batch, momentum=0.3, unbiased=unbiased
+        )
+    assert_close(backend, layer.running_mean, mean, like=layer.running_mean)
+    assert_close(backend, layer.running_var, var, like=layer.running_var)

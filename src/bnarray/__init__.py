@@ -8,6 +8,7 @@ from ._core import (
     update_running_stats,
 )
 from ._layer import BatchNorm
+from ._moments import population_stats
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,7 @@ __all__ = [
     "__version__",
     "batch_norm_backward",
     "batch_norm_forward",
+    "population_stats",
     "sync",
     "update_running_stats",
 ]

@@ -562,6 +562,7 @@ def update_running_stats(
     *,
     momentum: float | None = 0.1,
     num_batches_tracked: int | None = None,
+    unbiased: bool = True,
 ) -> tuple[Array, Array]:
     r"""New running statistics after a training batch (PyTorch and cuDNN convention).
 
@@ -573,7 +574,9 @@ def update_running_stats(
 
     with :math:`\alpha` = `momentum`, or :math:`\alpha = 1/n` (`momentum` None,
     a cumulative average over the :math:`n` = `num_batches_tracked` batches so
-    far). The running variance uses the unbiased batch variance.
+    far). The running variance uses the unbiased batch variance, or with
+    ``unbiased=False`` the biased :math:`\sigma_B^2` itself (no factor
+    :math:`m/(m-1)`), as Keras 3, Flax, Haiku and Equinox store it.
 
     The context of a synchronized forward pass holds the statistics and the
     count of the whole batch over all processes: every process computes the
@@ -595,6 +598,10 @@ def update_running_stats(
     num_batches_tracked : int, optional
         Number of batches seen including this one; required when `momentum`
         is None.
+    unbiased : bool, default True
+        Whether the running variance averages the unbiased batch variances
+        (PyTorch, cuDNN, Chainer) or the biased ones (``False``: Keras, Flax,
+        Haiku, Equinox). A Python or NumPy bool.
 
     Returns
     -------
@@ -605,7 +612,7 @@ def update_running_stats(
     ------
     TypeError
         Non-array statistics, a `ctx` that is not a BatchNormContext, arrays of
-        different libraries, a non-number `momentum`.
+        different libraries, a non-number `momentum`, a non-bool `unbiased`.
     ValueError
         Shapes that do not match `ctx`, an inference `ctx`, `momentum` outside
         [0, 1], a missing `num_batches_tracked` with ``momentum=None``.
@@ -618,6 +625,9 @@ def update_running_stats(
     >>> _, ctx = bn.batch_norm_forward(x)
     >>> bn.update_running_stats(np.zeros(1), np.ones(1), ctx, momentum=0.5)
     (array([1.]), array([1.5]))
+    >>> bn.update_running_stats(np.zeros(1), np.ones(1), ctx, momentum=0.5,
+    ...                         unbiased=False)
+    (array([1.]), array([1.]))
     """
     ctx = _check_ctx(ctx)
     try:
@@ -629,12 +639,15 @@ def update_running_stats(
             meta(ctx.mean),
             ctx.training,
             exact(momentum),
+            exact(unbiased),
         )
     except AttributeError:
         key = None
     call = PLANS.get(key)
     if call is None:
-        call = _update_plan(running_mean, running_var, ctx, momentum)
+        call = _update_plan(
+            running_mean, running_var, ctx, momentum, num_batches_tracked, unbiased
+        )
         PLANS.put(key, call)
     elif not call.one_device:
         namespace_of(
@@ -644,7 +657,7 @@ def update_running_stats(
     n = check_num_batches_tracked(num_batches_tracked, required=momentum is None)
 
     factor = momentum if momentum is not None else 1.0 / n  # type: ignore[operator]
-    bessel = ctx.count / (ctx.count - 1)
+    bessel = ctx.count / (ctx.count - 1) if call.unbiased else 1.0
     new_mean: Array
     new_var: Array
     new_mean, new_var = call.kernels.running_update(
@@ -667,13 +680,20 @@ class _UpdatePlan:
     kernels: Kernels
     one_device: bool
     momentum: float | None
+    unbiased: bool
 
 
 def _update_plan(
-    running_mean: Array, running_var: Array, ctx: BatchNormContext, momentum: object
+    running_mean: Array,
+    running_var: Array,
+    ctx: BatchNormContext,
+    momentum: object,
+    num_batches_tracked: object,
+    unbiased: object,
 ) -> _UpdatePlan:
-    """The checks of :func:`update_running_stats` but that of
-    `num_batches_tracked`, in order, and what they decide."""
+    """Every check of :func:`update_running_stats`, in order, and what they
+    decide. `num_batches_tracked` changes from call to call: a cached plan
+    does not stand for its check."""
     xp = namespace_of(
         {"running_mean": running_mean, "running_var": running_var, "ctx": ctx.mean}
     )
@@ -687,6 +707,8 @@ def _update_plan(
         )
         raise ValueError(msg)
     checked = check_momentum(momentum)
+    check_num_batches_tracked(num_batches_tracked, required=checked is None)
+    unbiased = check_bool(unbiased, "unbiased")
     channel_shape = tuple(ctx.mean.shape)
     check_channel_array(running_mean, "running_mean", channel_shape, xp)
     check_channel_array(running_var, "running_var", channel_shape, xp)
@@ -696,4 +718,5 @@ def _update_plan(
         kernels=kernels_for(xp),
         one_device=all(type(a) is np.ndarray for a in arrays),
         momentum=checked,
+        unbiased=unbiased,
     )

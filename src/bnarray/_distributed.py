@@ -3,12 +3,10 @@ moments, one collective, and their exact merge (see docs/distributed.rst)."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from . import _math
-from ._compat import Array, Namespace, device, is_jax_namespace, is_torch_array
+from ._compat import Array, Namespace, is_torch_array
 from ._fast import Kernels
+from ._moments import merge_moments, part_moments, wide_dtype
 from .sync import JaxAxis, Synchronizer
 
 __all__ = ["check_sync", "global_grad_sums", "global_moments"]
@@ -36,17 +34,6 @@ def check_sync(sync: object) -> Synchronizer | None:
         )
         raise TypeError(msg)
     return sync  # type: ignore[return-value]
-
-
-def _exchange_dtype(xp: Namespace) -> object:
-    """float64, whatever the input's dtype (the counts and sums of many processes
-    stay exact), except where JAX runs without 64-bit floats."""
-    if is_jax_namespace(xp):
-        jax: Any = importlib.import_module(
-            "jax"
-        )  # imported already: `x` is a JAX array
-        return jax.dtypes.canonicalize_dtype(xp.float64)
-    return xp.float64
 
 
 def _returned(
@@ -95,32 +82,13 @@ def global_moments(
 
     Each process sends its count n, mean μ and sum of squared deviations
     M = n·σ² per channel (one all_gather of ``1 + 2C`` numbers); every process
-    then merges the same gathered rows in the same order:
-    μ = Σ nᵢμᵢ / n and M = Σ Mᵢ + Σ nᵢ(μᵢ − μ)², with the rounding error of
-    the first μ corrected as in the two-pass kernels. No sums of squares of
-    raw values are subtracted, and no invstd is inverted.
+    then merges the same gathered rows in the same order (Chan's formula, see
+    `merge_moments`). No invstd is inverted.
     """
-    wide = _exchange_dtype(xp)
-    where = device(x)
     shape = tuple(1 if a in reduce_axes else n for a, n in enumerate(x.shape))
-    channels = 1
-    for n in shape:
-        channels *= n
-    if local_count > 0:
-        mean, var = kernels.batch_stats(x, reduce_axes, xp=xp)
-        mean = xp.reshape(xp.astype(mean, wide, copy=False), (channels,))
-        m2 = xp.reshape(xp.astype(var, wide, copy=False), (channels,)) * float(
-            local_count
-        )
-    else:
-        # An empty share takes part with n = 0 and zeros: its sums over `x` (not
-        # new arrays), so that autodiff through the collective reaches every
-        # process's `x`, and each runs the collective's backward.
-        mean = xp.reshape(xp.astype(xp.sum(x, axis=reduce_axes), wide), (channels,))
-        m2 = mean
-    count = xp.full((1,), float(local_count), dtype=wide, device=where)
-    gathered = sync.all_gather(xp.concat([count, mean, m2]))
-    gathered = _returned(gathered, (None, 1 + 2 * channels), "all_gather", sync)
+    row = part_moments(x, reduce_axes, local_count, kernels=kernels, xp=xp)
+    gathered = sync.all_gather(row)
+    gathered = _returned(gathered, (None, row.shape[0]), "all_gather", sync)
 
     total = _total_count(sync, gathered[:, 0], local_count, xp)
     if total == 0:
@@ -138,23 +106,13 @@ def global_moments(
         )
         raise ValueError(msg)
 
-    n = float(total)
-    counts = gathered[:, :1]
-    means = gathered[:, 1 : 1 + channels]
-    m2s = gathered[:, 1 + channels :]
-    mean0 = xp.sum(counts * means, axis=0) / n
-    deviations = means - mean0
-    weighted = counts * deviations
-    delta = xp.sum(weighted, axis=0) / n  # the rounding error of mean0
-    m2 = xp.sum(m2s, axis=0) + xp.sum(weighted * deviations, axis=0)
-    var = m2 / n - delta * delta
-    var = xp.maximum(var, xp.zeros_like(var))
+    mean, var = merge_moments(gathered, total, xp=xp)
     dtype = _math.compute_dtype(x.dtype, xp)
 
     def stat(a: Array) -> Array:
         return xp.reshape(xp.astype(a, dtype, copy=False), shape)
 
-    return stat(mean0 + delta), stat(var), total
+    return stat(mean), stat(var), total
 
 
 def global_grad_sums(
@@ -162,7 +120,7 @@ def global_grad_sums(
 ) -> tuple[Array, Array]:
     """``Σ dy`` and ``Σ dy·(x − μ)`` over every process, from this process's
     (one all_reduce_sum of ``2C`` numbers), in their shape and dtype."""
-    wide = _exchange_dtype(xp)
+    wide = wide_dtype(xp)
     shape = tuple(sum_dy.shape)
     channels = 1
     for n in shape:

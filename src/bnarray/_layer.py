@@ -6,7 +6,7 @@ import copy
 import importlib
 import operator
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ._compat import (
@@ -26,6 +26,7 @@ from ._core import (
     update_running_stats,
 )
 from ._distributed import check_sync
+from ._moments import pooled_moments
 from ._validation import (
     check_axis,
     check_bool,
@@ -40,6 +41,44 @@ from ._validation import (
 from .sync import Synchronizer
 
 __all__ = ["BatchNorm"]
+
+# The state-dict key of each attribute, per framework. Keras and Flax keep no
+# count of batches.
+_CONVENTIONS = {
+    "torch": {
+        "weight": "weight",
+        "bias": "bias",
+        "running_mean": "running_mean",
+        "running_var": "running_var",
+        "num_batches_tracked": "num_batches_tracked",
+    },
+    "keras": {
+        "weight": "gamma",
+        "bias": "beta",
+        "running_mean": "moving_mean",
+        "running_var": "moving_variance",
+    },
+    "flax": {
+        "weight": "scale",
+        "bias": "bias",
+        "running_mean": "mean",
+        "running_var": "var",
+    },
+}
+
+
+def _check_convention(convention: object) -> str:
+    choices = ", ".join(repr(c) for c in _CONVENTIONS)
+    if not isinstance(convention, str):
+        msg = (
+            f"`convention` must be a string, one of {choices}; got "
+            f"{type(convention).__name__}: {convention!r:.80}"
+        )
+        raise TypeError(msg)
+    if convention not in _CONVENTIONS:
+        msg = f"`convention` must be one of {choices}, got {convention!r:.80}"
+        raise ValueError(msg)
+    return convention
 
 
 def _channel_shape(num_features: object, axis: object) -> tuple[int, ...]:
@@ -96,9 +135,10 @@ class BatchNorm:
     In training mode (the default, see :meth:`train`), calling the layer
     normalizes with the batch's statistics and updates the running
     statistics; in inference mode (:meth:`eval`) it normalizes with the
-    running statistics and leaves every attribute unchanged. :meth:`eval` is
-    therefore also the switch that freezes the statistics while γ and β keep
-    training.
+    running statistics and leaves every attribute unchanged. A frozen layer
+    (:meth:`freeze`) normalizes with its running statistics and never updates
+    them, in both modes: the switch for fine-tuning γ and β (or the layers
+    around it) with fixed statistics, which :meth:`train` does not undo.
 
     Parameters
     ----------
@@ -120,6 +160,11 @@ class BatchNorm:
         Whether to keep ``running_mean`` (zeros), ``running_var`` (ones) and
         ``num_batches_tracked``. Without them the layer uses batch statistics
         in both modes, like PyTorch.
+    unbiased : bool, default True
+        Whether the running variance averages the unbiased batch variances
+        (PyTorch, Chainer) or, with False, the biased ones (Keras 3, Flax,
+        Haiku, Equinox); see :func:`update_running_stats`. Also the variance
+        that :meth:`recompute_running_stats` stores.
     xp : namespace, optional
         Array library of the parameters (a module such as ``numpy`` or
         ``torch``). Default: NumPy.
@@ -145,6 +190,8 @@ class BatchNorm:
     running_mean, running_var : array or None
     num_batches_tracked : int
     training : bool
+    frozen : bool
+        Read-only; see :meth:`freeze`.
     grad_weight, grad_bias : array or None
         Set by :meth:`backward` when `affine`; with `sync`, this process's
         share of the gradient (sum them over the processes, as
@@ -174,7 +221,9 @@ class BatchNorm:
     should not carry. An unpickled layer needs a call before :meth:`backward`;
     its arrays are where the library unpickles them (JAX: on its default
     device). Nor does it keep `sync`, which belongs to the running processes:
-    set ``layer.sync`` again after unpickling. Copies share `sync`.
+    set ``layer.sync`` again after unpickling. Copies share `sync`. Copies and
+    pickles keep `unbiased` and whether the layer is :attr:`frozen`; state
+    dicts hold arrays only, neither of them.
 
     Examples
     --------
@@ -206,6 +255,7 @@ class BatchNorm:
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
+        unbiased: bool = True,
         xp: Any = None,
         device: Device = None,
         dtype: Any = None,
@@ -219,6 +269,7 @@ class BatchNorm:
         self.track_running_stats = check_bool(
             track_running_stats, "track_running_stats"
         )
+        self.unbiased = check_bool(unbiased, "unbiased")
         self.sync = check_sync(sync)
         if xp is None:
             import numpy
@@ -244,6 +295,7 @@ class BatchNorm:
         self.running_var: Array | None = full(1.0) if track_running_stats else None
         self.num_batches_tracked = 0
         self.training = True
+        self._frozen = False
         self.grad_weight: Array | None = None
         self.grad_bias: Array | None = None
         self._ctx: BatchNormContext | None = None
@@ -257,7 +309,8 @@ class BatchNorm:
         return (
             f"BatchNorm({features}, axis={self.axis!r}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}"
+            f"track_running_stats={self.track_running_stats}, "
+            f"unbiased={self.unbiased}"
             + ("" if self.sync is None else f", sync={self.sync!r}")
             + ")"
         )
@@ -271,7 +324,14 @@ class BatchNorm:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(
-            {"sync": None, **state, "_xp": importlib.import_module(state["_xp"])}
+            {
+                # Pickles of layers that had no `unbiased` or `frozen` yet.
+                "unbiased": True,
+                "_frozen": False,
+                "sync": None,
+                **state,
+                "_xp": importlib.import_module(state["_xp"]),
+            }
         )
 
     def __copy__(self) -> BatchNorm:
@@ -299,13 +359,72 @@ class BatchNorm:
         update nothing."""
         return self.train(False)
 
+    @property
+    def frozen(self) -> bool:
+        """Whether the running statistics are frozen (:meth:`freeze`)."""
+        return self._frozen
+
+    def freeze(self) -> BatchNorm:
+        """Freeze the running statistics: normalize with them and never update
+        them, in training mode too, until :meth:`unfreeze`.
+
+        :meth:`train` and :meth:`eval` do not change it: a frozen layer in
+        training mode is the inference forward pass, and :meth:`backward` the
+        inference backward pass (the statistics are constants), while γ and β
+        still get their gradients. Without `sync` communication.
+
+        ==============================  ===========  ==========  ==============
+        state                           normalizes   updates     backward
+                                        with         running     through μ, σ²
+                                                     statistics
+        ==============================  ===========  ==========  ==============
+        ``train()``                     batch        yes         yes
+        ``eval()``                      running      no          no
+        ``freeze()``, either mode       running      no          no
+        ==============================  ===========  ==========  ==============
+
+        Raises
+        ------
+        ValueError
+            A layer built with ``track_running_stats=False``: it has no
+            statistics to normalize with.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import bnarray as bn
+        >>> layer = bn.BatchNorm(2).freeze()
+        >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+        >>> y = layer.train()(x)  # running mean 0, variance 1: x / sqrt(1 + eps)
+        >>> bool(np.allclose(y, x / np.sqrt(1.0 + 1e-5)))
+        True
+        >>> layer.frozen, layer.training, layer.num_batches_tracked
+        (True, True, 0)
+        """
+        if not self.track_running_stats:
+            msg = (
+                "`freeze` needs running statistics to normalize with; the layer "
+                "was built with track_running_stats=False"
+            )
+            raise ValueError(msg)
+        self._frozen = True
+        return self
+
+    def unfreeze(self) -> BatchNorm:
+        """Undo :meth:`freeze`: the mode (:meth:`train`, :meth:`eval`) decides
+        again."""
+        self._frozen = False
+        return self
+
     def __call__(self, x: Array) -> Array:
-        """Normalize `x` in the current mode; in training mode, also update the
-        running statistics and ``num_batches_tracked``."""
-        use_batch_stats = self.training or not self.track_running_stats
+        """Normalize `x` in the current mode; in training mode (and not
+        :attr:`frozen`), also update the running statistics and
+        ``num_batches_tracked``."""
+        updating = self.training and not self._frozen
+        use_batch_stats = updating or not self.track_running_stats
         # Inference never communicates: processes may evaluate different numbers
         # of batches.
-        sync = self.sync if self.training else None
+        sync = self.sync if updating else None
         if sync is not None:
             self._check_input(x)  # before the collective, not after it
         try:
@@ -330,7 +449,7 @@ class BatchNorm:
             raise
         if tuple(ctx.mean.shape) != self.channel_shape:  # no arrays compared it
             self._check_input(x)
-        if self.training and self.track_running_stats:
+        if updating and self.track_running_stats:
             count = self.num_batches_tracked + 1
             new_mean, new_var = update_running_stats(
                 self.running_mean,
@@ -338,6 +457,7 @@ class BatchNorm:
                 ctx,
                 momentum=self.momentum,
                 num_batches_tracked=count,
+                unbiased=self.unbiased,
             )
             # Statistics, not parameters: like PyTorch's buffers they carry no
             # autograd graph from step to step (it would grow without end).
@@ -380,19 +500,38 @@ class BatchNorm:
             self.grad_weight, self.grad_bias = dweight, dbias
         return dx
 
-    def _state_keys(self) -> list[str]:
-        keys = ["weight", "bias"] if self.affine else []
+    def _state_keys(self, convention: str) -> dict[str, str]:
+        """The layer's attributes in its state dicts, and their keys."""
+        names = ["weight", "bias"] if self.affine else []
         if self.track_running_stats:
-            keys += ["running_mean", "running_var", "num_batches_tracked"]
-        return keys
+            names += ["running_mean", "running_var", "num_batches_tracked"]
+        keys = _CONVENTIONS[convention]
+        return {name: keys[name] for name in names if name in keys}
 
-    def state_dict(self, *, xp: Any = None) -> dict[str, Array]:
-        """The parameters and statistics under PyTorch's key names.
+    def state_dict(
+        self, *, convention: str = "torch", xp: Any = None
+    ) -> dict[str, Array]:
+        """The parameters and statistics under PyTorch's, Keras's or Flax's key names.
 
-        ``num_batches_tracked`` is a 0-d int64 array, as in PyTorch.
+        ============  ===========  ===========  ================  ===================  ======================
+        `convention`  γ            β            running mean      running variance     count
+        ============  ===========  ===========  ================  ===================  ======================
+        ``"torch"``   ``weight``   ``bias``     ``running_mean``  ``running_var``      ``num_batches_tracked``
+        ``"keras"``   ``gamma``    ``beta``     ``moving_mean``   ``moving_variance``  (none)
+        ``"flax"``    ``scale``    ``bias``     ``mean``          ``var``              (none)
+        ============  ===========  ===========  ================  ===================  ======================
+
+        With ``"torch"``, ``num_batches_tracked`` is a 0-d int64 array, as in
+        PyTorch. Flax keeps ``scale`` and ``bias`` in its ``params``
+        collection and ``mean`` and ``var`` in ``batch_stats``; the flat dict
+        matches the attributes of ``flax.nnx.BatchNorm``. The values are the
+        same in every convention: only the names change (see
+        :doc:`/conventions` for what each framework's running variance holds).
 
         Parameters
         ----------
+        convention : {"torch", "keras", "flax"}, default "torch"
+            Whose key names to use.
         xp : namespace, optional
             Array library of the returned arrays: ``xp=torch`` gives a state
             dict that ``torch.nn.BatchNorm2d.load_state_dict`` takes, whatever
@@ -405,7 +544,10 @@ class BatchNorm:
         Raises
         ------
         TypeError
-            An `xp` that is not an array library.
+            An `xp` that is not an array library; a `convention` that is not a
+            string.
+        ValueError
+            An unknown `convention`.
 
         Examples
         --------
@@ -420,11 +562,14 @@ class BatchNorm:
         ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
         >>> state["num_batches_tracked"]
         array(0)
+        >>> list(layer.state_dict(convention="keras"))
+        ['gamma', 'beta', 'moving_mean', 'moving_variance']
         """
+        keys = self._state_keys(_check_convention(convention))
         target = self._xp if xp is None else _namespace(xp)
         state = {}
-        for key in self._state_keys():
-            if key == "num_batches_tracked":
+        for name, key in keys.items():
+            if name == "num_batches_tracked":
                 like = self.running_mean if target is self._xp else None
                 state[key] = target.asarray(
                     self.num_batches_tracked,
@@ -432,23 +577,45 @@ class BatchNorm:
                     device=_device_of(like),
                 )
             elif target is self._xp:
-                state[key] = getattr(self, key)
+                state[key] = getattr(self, name)
             else:
-                state[key] = target.asarray(_to_numpy(getattr(self, key)), copy=True)
+                state[key] = target.asarray(_to_numpy(getattr(self, name)), copy=True)
         return state
 
     def load_state_dict(
-        self, state_dict: Mapping[str, Any], *, strict: bool = True
+        self,
+        state_dict: Mapping[str, Any],
+        *,
+        strict: bool = True,
+        convention: str = "torch",
     ) -> None:
-        """Load parameters and statistics saved by :meth:`state_dict` or by a
-        PyTorch ``BatchNorm*d``.
+        """Load parameters and statistics saved by :meth:`state_dict`, by a
+        PyTorch ``BatchNorm*d``, or by Keras or Flax (with `convention`).
 
         Values are copied into the layer's library, device and dtypes. Values of
         another library pass through NumPy: NumPy arrays, PyTorch tensors
         (also those that require grad, as in
-        ``dict(module.named_parameters())``), sequences of numbers. ``num_batches_tracked`` may be a Python or NumPy
-        integer or a 0-d integer array. Nothing is changed if any entry is
-        rejected.
+        ``dict(module.named_parameters())``), JAX arrays, sequences of numbers.
+        ``num_batches_tracked`` may be a Python or NumPy integer or a 0-d
+        integer array. Nothing is changed if any entry is rejected.
+
+        The ``"keras"`` and ``"flax"`` conventions have no count of batches:
+        their loads leave ``num_batches_tracked`` as it is (as PyTorch does with
+        a state dict without one). It matters only with ``momentum=None``. The
+        running variance is loaded as it is: for continued training to match
+        the source framework, build the layer with its ``unbiased`` (False for
+        Keras and Flax), ``momentum`` and ``eps`` (:doc:`/conventions`).
+
+        Parameters
+        ----------
+        state_dict : mapping
+            Keys as in :meth:`state_dict` for `convention`. For Flax, merge the
+            collections: ``{**variables["params"], **variables["batch_stats"]}``
+            (linen) or ``{"scale": bn.scale.value, ...}`` (nnx).
+        strict : bool, default True
+            Refuse missing and unexpected keys.
+        convention : {"torch", "keras", "flax"}, default "torch"
+            Whose key names `state_dict` uses.
 
         Raises
         ------
@@ -456,42 +623,136 @@ class BatchNorm:
             An entry that is not an array of real numbers (complex, bool,
             strings, None) or that cannot be converted; a
             ``num_batches_tracked`` that is not an integer (floats such as
-            ``2.7`` or ``2.0`` included).
+            ``2.7`` or ``2.0`` included); a `convention` that is not a string.
         ValueError
-            Missing or unexpected keys (with ``strict=True``), an entry of the
-            wrong shape, a negative ``num_batches_tracked``.
+            Missing or unexpected keys (with ``strict=True``; the message names
+            the convention whose keys the dict has, if another), an entry of the
+            wrong shape, a negative ``num_batches_tracked``, an unknown
+            `convention`.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import bnarray as bn
+        >>> layer = bn.BatchNorm(2, momentum=0.01, eps=1e-3, unbiased=False)
+        >>> keras_weights = {"gamma": np.ones(2), "beta": np.zeros(2),
+        ...                  "moving_mean": np.array([0.5, -1.0]),
+        ...                  "moving_variance": np.array([2.0, 3.0])}
+        >>> layer.load_state_dict(keras_weights, convention="keras")
+        >>> layer.running_var
+        array([2., 3.])
         """
+        convention = _check_convention(convention)
         if not isinstance(state_dict, Mapping):
             msg = f"`state_dict` must be a mapping, got {type(state_dict).__name__}"
             raise TypeError(msg)
-        expected = self._state_keys()
-        missing = [k for k in expected if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in expected]
+        keys = self._state_keys(convention)
+        missing = [k for k in keys.values() if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in keys.values()]
         if strict and (missing or unexpected):
-            msg = f"`state_dict` has missing keys {missing} and unexpected keys {unexpected}"
+            msg = (
+                f"`state_dict` has missing keys {missing} and unexpected keys "
+                f"{unexpected} for convention={convention!r}"
+            )
+            others = [
+                c
+                for c in _CONVENTIONS
+                if c != convention
+                and set(self._state_keys(c).values()) >= set(state_dict)
+            ]
+            if others:
+                msg += f"; its keys are those of convention={others[0]!r}"
             raise ValueError(msg)
         new: dict[str, Any] = {}
-        for key in expected:
+        for name, key in keys.items():
             if key not in state_dict:
                 continue
             value = state_dict[key]
-            if key == "num_batches_tracked":
+            if name == "num_batches_tracked":
                 count = check_integer(value, f"state_dict[{key!r}]")
                 if count < 0:
                     msg = f"`state_dict[{key!r}]` must be >= 0, got {count}"
                     raise ValueError(msg)
-                new[key] = count
+                new[name] = count
                 continue
-            array = _convert(value, key, getattr(self, key), self._xp)
+            array = _convert(value, key, getattr(self, name), self._xp)
             if tuple(array.shape) != self.channel_shape:
                 msg = (
                     f"`state_dict[{key!r}]` must have shape {self.channel_shape}, got "
                     f"{tuple(array.shape)}"
                 )
                 raise ValueError(msg)
-            new[key] = array
-        for key, value in new.items():
-            setattr(self, key, value)
+            new[name] = array
+        for name, value in new.items():
+            setattr(self, name, value)
+
+    def recompute_running_stats(self, batches: Iterable[Array], /) -> None:
+        r"""Set the running statistics to those of all values of all `batches`.
+
+        After weight averaging or fine-tuning, the running statistics belong to
+        weights the network no longer has. Pass the batches of the layer's
+        *input* under the new weights (one pass over training data); the
+        running mean and variance become the exact mean and variance of all
+        their values, every value counting once (:func:`population_stats`;
+        PyTorch's ``swa_utils.update_bn`` instead weights every batch
+        equally). The variance is unbiased, or biased with ``unbiased=False``.
+        ``num_batches_tracked`` becomes the number of batches (as after
+        ``update_bn``), so that ``momentum=None`` would go on averaging.
+
+        Neither the mode, :attr:`frozen`, nor what :meth:`backward` needs
+        change. `batches` may be a generator: only :math:`1 + 2C` numbers per
+        batch are kept. With Dask the new statistics are lazy, computed when
+        used. Without `sync`: this process's batches only. Nothing is changed
+        if a batch is rejected.
+
+        Parameters
+        ----------
+        batches : iterable of array
+            Arrays of the layer's library and device, with the layer's
+            channel sizes along `axis` (other axes may differ).
+
+        Raises
+        ------
+        TypeError
+            `batches` not an iterable of arrays; a batch of another library or
+            not floating.
+        ValueError
+            A layer without running statistics; no batches; fewer than 2 values
+            per channel in all; a batch on another device or with other
+            channel sizes.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import bnarray as bn
+        >>> rng = np.random.default_rng(0)
+        >>> batches = [rng.normal(2.0, 3.0, size=(n, 4)) for n in (16, 16, 5)]
+        >>> layer = bn.BatchNorm(4)
+        >>> layer.recompute_running_stats(batches)
+        >>> everything = np.concatenate(batches)
+        >>> bool(np.allclose(layer.running_var, everything.var(axis=0, ddof=1)))
+        True
+        >>> layer.num_batches_tracked
+        3
+        """
+        if not self.track_running_stats:
+            msg = (
+                "`recompute_running_stats` needs running statistics; the layer was "
+                "built with track_running_stats=False"
+            )
+            raise ValueError(msg)
+        pooled = pooled_moments(
+            batches,
+            axis=self.axis,
+            anchor=("running_mean", self.running_mean),
+            channel_shape=self.channel_shape,
+        )
+        xp, n = pooled.xp, pooled.count
+        var = pooled.var * (n / (n - 1)) if self.unbiased else pooled.var
+        mean = xp.astype(pooled.mean, self.running_mean.dtype)  # type: ignore[union-attr]
+        var = xp.astype(var, self.running_var.dtype)  # type: ignore[union-attr]
+        self.running_mean, self.running_var = _detached(mean), _detached(var)
+        self.num_batches_tracked = pooled.batches
 
 
 def _detached(a: Array) -> Array:
