@@ -8,12 +8,14 @@ from ._core import (
     update_running_stats,
 )
 from ._layer import BatchNorm
+from ._variants import Renorm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",
     "BatchNormContext",
+    "Renorm",
     "__version__",
     "batch_norm_backward",
     "batch_norm_forward",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from . import _jax, _math
+from . import _jax, _math, _variants
 from ._compat import Array, Namespace, is_jax_namespace
 from ._distributed import check_sync, global_grad_sums, global_moments
 from ._fast import kernels_for, plan
@@ -22,6 +22,7 @@ from ._validation import (
     normalize_axis,
     reduce_count,
 )
+from ._variants import Renorm
 from .sync import Synchronizer
 
 __all__ = [
@@ -41,9 +42,10 @@ class BatchNormContext:
     but its attributes are public and stable.
 
     Once JAX is imported (before or after bnarray), the context is a JAX
-    pytree: the arrays `x`, `weight`, `mean`, `var` and `invstd` are its
-    leaves, `count`, `axis`, `training`, `eps` and `sync` its static
-    structure. A
+    pytree: the arrays `x`, `weight`, `mean`, `var`, `invstd`, `renorm_r`,
+    `renorm_d`, `ghost_mean`, `ghost_invstd` and `mask` are its leaves,
+    `count`, `axis`, `training`, `eps`, `sync`, `ghost_batch_size` and
+    `batch_axis` its static structure. A
     function under ``jax.jit`` or ``jax.vmap`` can then take and return
     contexts, and :func:`batch_norm_backward` accepts a context that crossed
     such a boundary.
@@ -58,12 +60,16 @@ class BatchNormContext:
         Per-channel statistics used to normalize, with the shape of the kept
         axes: in training the batch mean and the *biased* batch variance, in
         inference the running statistics. Float32 for 16-bit `x`. With
-        `sync` in training, those of the whole batch over all processes.
+        `sync` in training, those of the whole batch over all processes; with
+        ghost batches, those of the whole batch (each chunk was normalized
+        with its own, `ghost_mean` and `ghost_invstd`); with a `mask`, those
+        of the counted positions.
     invstd : array
         ``1 / sqrt(var + eps)``.
     count : int
         Number of elements per channel that were reduced over (m); with
-        `sync` in training, over all processes.
+        `sync` in training, over all processes. With a `mask`, the number of
+        positions, counted or not: ``sum(mask)`` of them were counted.
     axis : tuple of int
         The kept (channel) axes, non-negative and sorted.
     training : bool
@@ -73,6 +79,16 @@ class BatchNormContext:
     sync : Synchronizer or None
         The `sync` of the forward pass; after a training forward pass,
         :func:`batch_norm_backward` uses it too.
+    renorm_r, renorm_d : array or None
+        Batch renormalization's r and d (channel shape), or None.
+    ghost_mean, ghost_invstd : array or None
+        With ghost batches, each chunk's mean and ``1 / sqrt(var + eps)``,
+        stacked along a first axis (one row per chunk); else None.
+    mask : array or None
+        The `mask` of a training forward pass, or None.
+    ghost_batch_size, batch_axis : int or None
+        The chunk size and the (non-negative) axis split into chunks, with
+        ghost batches; else None.
     """
 
     x: Array
@@ -85,6 +101,13 @@ class BatchNormContext:
     training: bool
     eps: float
     sync: Synchronizer | None = None
+    renorm_r: Array | None = None
+    renorm_d: Array | None = None
+    ghost_mean: Array | None = None
+    ghost_invstd: Array | None = None
+    mask: Array | None = None
+    ghost_batch_size: int | None = None
+    batch_axis: int | None = None
 
     @property
     def reduce_axes(self) -> tuple[int, ...]:
@@ -105,8 +128,27 @@ class BatchNormContext:
 def _register_context_pytree() -> None:
     _jax.register_dataclass(
         BatchNormContext,
-        data_fields=("x", "weight", "mean", "var", "invstd"),
-        meta_fields=("count", "axis", "training", "eps", "sync"),
+        data_fields=(
+            "x",
+            "weight",
+            "mean",
+            "var",
+            "invstd",
+            "renorm_r",
+            "renorm_d",
+            "ghost_mean",
+            "ghost_invstd",
+            "mask",
+        ),
+        meta_fields=(
+            "count",
+            "axis",
+            "training",
+            "eps",
+            "sync",
+            "ghost_batch_size",
+            "batch_axis",
+        ),
     )
 
 
@@ -140,6 +182,10 @@ def batch_norm_forward(
     running_mean: Array | None = None,
     running_var: Array | None = None,
     sync: Synchronizer | None = None,
+    renorm: Renorm | None = None,
+    ghost_batch_size: int | None = None,
+    batch_axis: int = 0,
+    mask: Array | None = None,
 ) -> tuple[Array, BatchNormContext]:
     r"""Normalize `x` per channel, then scale and shift.
 
@@ -180,6 +226,28 @@ def batch_norm_forward(
         batch. Every process of the group must make the same calls in the
         same order; shares may differ in size, and be empty. One collective
         per call; none with ``training=False``. See :doc:`/distributed`.
+    renorm : Renorm, optional
+        Batch renormalization (Ioffe 2017) in training: ``y = γ(x̂ r + d) + β``
+        with r and d comparing the batch's statistics with `running_mean`
+        and `running_var`, which are then required (see :class:`Renorm`).
+        Inference ignores it.
+    ghost_batch_size : int, optional
+        Ghost batch norm (Hoffer et al. 2017) in training: `x` is split along
+        `batch_axis` into contiguous chunks of this size (the last one
+        smaller where it does not divide), each normalized with its own
+        statistics. ``ctx.mean`` and ``ctx.var`` are those of the whole batch
+        (merged exactly from the chunks'), so :func:`update_running_stats`
+        makes one update per call. A size of at least the batch's is plain
+        batch norm. Inference ignores it.
+    batch_axis : int, default 0
+        The axis that `ghost_batch_size` splits: one of the reduced axes.
+    mask : array of bool, optional
+        In training, the statistics (and so the running statistics) come
+        only from the positions where `mask` is True; every position is
+        normalized with them. Its shape is that of `x` without the channel
+        axes ((B, T) for `x` of shape (B, T, C) and ``axis=-1``, as in
+        Keras). Inference normalizes every position with the running
+        statistics and only checks the mask's metadata.
 
     Returns
     -------
@@ -193,13 +261,21 @@ def batch_norm_forward(
     TypeError
         A non-array or non-floating `x` or parameter; arrays of different
         libraries; a `training` that is not a bool; a `sync` without the
-        synchronizer's methods.
+        synchronizer's methods; a `renorm` that is not a :class:`Renorm`; a
+        non-integer `ghost_batch_size` or `batch_axis`; a `mask` that is not
+        a bool array.
     ValueError
         A bad `axis`, `eps` or parameter shape; an `x` of unknown shape (Dask
         after boolean indexing); arrays on different devices;
         fewer than two values per channel in training (over all processes
-        with `sync`: then every process raises); running statistics
-        missing in inference or given in training.
+        with `sync`: then every process raises; in a ghost batch; where
+        `mask` is True, checked only where the mask's values are at hand,
+        not for Dask and JAX arrays, whose statistics are then NaN or of a
+        zero variance); running statistics missing in inference or with
+        `renorm`, or given in training without it; a `ghost_batch_size`
+        below 1; a `batch_axis` that is a channel axis; a `mask` of the
+        wrong shape; two of `renorm`, `ghost_batch_size` and `mask`, or one
+        of them with `sync`, in training.
     RuntimeError
         A collective of `sync` that returned an array of the wrong shape
         (processes whose `x` differ in channel shape), or the engine's own
@@ -233,6 +309,7 @@ def batch_norm_forward(
             "bias": bias,
             "running_mean": running_mean,
             "running_var": running_var,
+            "mask": mask,
         }
     )
     if is_jax_namespace(xp):
@@ -254,9 +331,42 @@ def batch_norm_forward(
     reduce_axes = tuple(a for a in range(x.ndim) if a not in kept)
     count = reduce_count(tuple(x.shape), reduce_axes)
 
-    check_statistics_source(training, running_mean, running_var)
+    variant = _variants.check_variant(
+        x,
+        kept,
+        training=training,
+        synced=synced,
+        renorm=renorm,
+        ghost_batch_size=ghost_batch_size,
+        batch_axis=batch_axis,
+        mask=mask,
+        running_mean=running_mean,
+        running_var=running_var,
+        xp=xp,
+    )
+    if variant != "renorm":  # renorm compares the batch with the running statistics
+        check_statistics_source(training, running_mean, running_var)
     if training and not synced:  # with `sync`, the count over all processes decides
         check_batch_count(count, tuple(x.shape), axis)
+    if variant is not None:
+        y, fields = _variants.forward(
+            variant,
+            x,
+            weight,
+            bias,
+            kept=kept,
+            eps=eps,
+            renorm=renorm,
+            ghost_batch_size=ghost_batch_size,
+            batch_axis=batch_axis,
+            mask=mask,
+            running_mean=running_mean,
+            running_var=running_var,
+            xp=xp,
+        )
+        return y, BatchNormContext(
+            x=x, weight=weight, axis=kept, training=True, eps=eps, **fields
+        )
 
     run = plan(x, kept, xp)
     kernels = run.kernels
@@ -375,6 +485,8 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
     if tuple(dy.shape) != tuple(x.shape):
         msg = f"`dy` must have the shape of `x` {tuple(x.shape)}, got {tuple(dy.shape)}"
         raise ValueError(msg)
+    if ctx.training and _variants.variant_of(ctx) is not None:
+        return _variants.backward(dy, ctx, xp=xp)
 
     run = plan(x, ctx.axis, xp, dy)
     kernels = run.kernels
@@ -492,6 +604,8 @@ def update_running_stats(
 
     factor = momentum if momentum is not None else 1.0 / n  # type: ignore[operator]
     bessel = ctx.count / (ctx.count - 1)
+    if ctx.mask is not None:  # the counted positions' number
+        bessel = _variants.masked_bessel(ctx.mask, running_var.dtype, xp)
     new_mean: Array
     new_var: Array
     new_mean, new_var = kernels_for(xp).running_update(
