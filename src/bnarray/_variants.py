@@ -10,7 +10,14 @@ from types import EllipsisType
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _math
-from ._compat import Array, Namespace, device, is_lazy_array
+from ._compat import (
+    Array,
+    Namespace,
+    device,
+    is_jax_namespace,
+    is_lazy_array,
+    is_torch_array,
+)
 from ._fast import plan
 from ._validation import check_integer
 
@@ -280,6 +287,7 @@ def forward(
         r = xp.clip(r, 1.0 / renorm.rmax, renorm.rmax)
         d = (mean - xp.reshape(xp.astype(running_mean, dtype), shape)) / running_sigma
         d = xp.clip(d, -renorm.dmax, renorm.dmax)
+        r, d = _constant(r, xp), _constant(d, xp)
         # y = γ(x̂ r + d) + β = (x - μ_B)·(invstd·γr) + (γd + β)
         invstd, scale = kernels.forward_scales(
             var, r if gamma is None else gamma * r, eps, xp=xp
@@ -338,6 +346,18 @@ def forward(
         count=count,
     )
     return y, fields
+
+
+def _constant(a: Array, xp: Namespace) -> Array:
+    """`a` without a gradient for automatic differentiation through the forward
+    (PyTorch autograd, ``jax.grad``): the paper's r and d are constants."""
+    if is_torch_array(a):
+        return a.detach()
+    if is_jax_namespace(xp):
+        import jax  # in use already: `a` is a JAX array
+
+        return jax.lax.stop_gradient(a)
+    return a
 
 
 def _mask_weights(
