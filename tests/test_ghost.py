@@ -62,7 +62,7 @@ def test_ghost_batches_equal_a_loop_of_plain_batch_norm_over_the_chunks(
 def test_running_statistics_are_updated_once_with_the_whole_batch(
     backend, shape, axis, batch_axis, size
 ):
-    x, w, b, rm, rv = make_params(shape, axis, seed=5)
+    x, _w, _b, rm, rv = make_params(shape, axis, seed=5)
     xb = backend.asarray(x)
     _, ctx = bn.batch_norm_forward(
         xb, axis=axis, ghost_batch_size=size, batch_axis=batch_axis
@@ -111,9 +111,7 @@ def test_inference_ignores_ghost_batches(backend):
 def test_layer_with_ghost_batches_equals_the_functional_api(backend):
     x, w, b, _, _ = make_params((10, 3), -1, seed=10)
     dy = np.random.default_rng(11).normal(size=x.shape)
-    layer = bn.BatchNorm(
-        3, ghost_batch_size=4, xp=backend.lib, device=backend.device
-    )
+    layer = bn.BatchNorm(3, ghost_batch_size=4, xp=backend.lib, device=backend.device)
     layer.weight, layer.bias = backend.asarray(w), backend.asarray(b)
     rm, rv = layer.running_mean, layer.running_var
     y = layer(backend.asarray(x))
@@ -165,7 +163,9 @@ def test_ghost_batches_under_jax_jit_equal_eager():
     eager = step(*args)
     jitted = jax.jit(step)(*args)
     for got, want in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager), strict=True):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-12
+        )
     # jax.grad of the forward agrees with the explicit backward
     grad = jax.grad(lambda x: jnp.sum(step(x, *args[1:])[0] * args[3]))(args[0])
     np.testing.assert_allclose(np.asarray(grad), np.asarray(eager[1][0]), atol=1e-10)
@@ -183,7 +183,7 @@ def test_ghost_batches_stay_lazy_on_dask():
     xd = da.from_array(x, chunks=(4, 3))
     with dask.config.set(scheduler=refuse):
         y, ctx = bn.batch_norm_forward(xd, ghost_batch_size=4)
-        dx, _, _ = bn.batch_norm_backward(y, ctx)
+        _dx, _, _ = bn.batch_norm_backward(y, ctx)
         bn.update_running_stats(da.zeros(3), da.ones(3), ctx)
     np.testing.assert_allclose(
         y.compute()[:4], reference.forward(x[:4])[0], rtol=1e-10, atol=1e-10

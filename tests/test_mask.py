@@ -206,7 +206,7 @@ def test_masks_stay_lazy_on_dask():
     with dask.config.set(scheduler=refuse):
         y, ctx = bn.batch_norm_forward(xd, mask=md)
         bn.batch_norm_backward(y, ctx)
-        new_mean, new_var = bn.update_running_stats(da.zeros(3), da.ones(3), ctx)
+        _new_mean, new_var = bn.update_running_stats(da.zeros(3), da.ones(3), ctx)
     y_ref, _, var = reference.forward(x[mask])
     np.testing.assert_allclose(y.compute()[mask], y_ref, rtol=1e-10, atol=1e-10)
     m = mask.sum()
@@ -219,5 +219,5 @@ def test_lazy_backends_do_not_check_the_counted_values():
     da = pytest.importorskip("dask.array")
     x = da.from_array(np.arange(12.0).reshape(4, 3))
     mask = da.from_array(np.array([True, False, False, False]))
-    y, ctx = bn.batch_norm_forward(x, mask=mask)  # one counted value: no error
+    _y, ctx = bn.batch_norm_forward(x, mask=mask)  # one counted value: no error
     np.testing.assert_array_equal(ctx.var.compute(), 0.0)
