@@ -598,3 +598,97 @@ def test_population_stats_errors(backend):
         bn.population_stats([x, backend.asarray(np.ones((4, 2)))])
     with raises(ValueError, "`axis`", "5"):
         bn.population_stats([x], axis=5)
+
+
+class TestVariants:
+    """Bad inputs of batch renormalization, ghost batches and masks."""
+
+    @pytest.mark.parametrize(
+        ("kwargs", "exc", "fragments"),
+        [
+            ({"rmax": 0.5, "dmax": 0.0}, ValueError, ("`rmax`", "0.5", ">= 1")),
+            ({"rmax": 2.0, "dmax": -1.0}, ValueError, ("`dmax`", "-1.0", ">= 0")),
+            ({"rmax": math.inf, "dmax": 0.0}, ValueError, ("`rmax`", "inf")),
+            ({"rmax": 2.0, "dmax": math.nan}, ValueError, ("`dmax`", "nan")),
+            ({"rmax": "3", "dmax": 0.0}, TypeError, ("`rmax`", "str")),
+            ({"rmax": 2.0, "dmax": True}, TypeError, ("`dmax`", "bool")),
+        ],
+    )
+    def test_renorm_bounds(self, kwargs, exc, fragments):
+        with raises(exc, *fragments):
+            bn.Renorm(**kwargs)
+
+    def test_renorm_is_keyword_only(self):
+        with pytest.raises(TypeError):
+            bn.Renorm(3.0, 5.0)
+
+    def test_renorm_must_be_a_renorm(self, x, ones3):
+        with raises(TypeError, "`renorm`", "dict"):
+            bn.batch_norm_forward(
+                x, renorm={"rmax": 3}, running_mean=ones3, running_var=ones3
+            )
+
+    @pytest.mark.parametrize("missing", ["running_mean", "running_var"])
+    def test_renorm_needs_running_stats_in_training(self, x, ones3, missing):
+        stats = {"running_mean": ones3, "running_var": ones3}
+        del stats[missing]
+        with raises(ValueError, f"`{missing}`", "renorm"):
+            bn.batch_norm_forward(x, renorm=bn.Renorm(rmax=3, dmax=5), **stats)
+
+    @pytest.mark.parametrize(
+        ("size", "exc"),
+        [(0, ValueError), (-2, ValueError), (2.0, TypeError), (True, TypeError)],
+    )
+    def test_ghost_batch_size(self, x, size, exc):
+        with raises(exc, "`ghost_batch_size`", repr(size)):
+            bn.batch_norm_forward(x, ghost_batch_size=size)
+
+    def test_batch_axis_must_be_a_reduced_axis(self, x):
+        with raises(ValueError, "`batch_axis`", "channel axis"):
+            bn.batch_norm_forward(x, ghost_batch_size=2, batch_axis=1)
+        with raises(ValueError, "`batch_axis`", "out of range"):
+            bn.batch_norm_forward(x, ghost_batch_size=2, batch_axis=2)
+        with raises(TypeError, "`batch_axis`", "1.0"):
+            bn.batch_norm_forward(x, ghost_batch_size=2, batch_axis=1.0)
+
+    def test_a_ghost_batch_of_one_value_per_channel(self, backend):
+        x = backend.asarray(np.ones((5, 3)))
+        with raises(ValueError, "`ghost_batch_size`", "2", "(5, 3)", "1 value"):
+            bn.batch_norm_forward(x, ghost_batch_size=2)
+
+    def test_mask_shape(self, backend, x):
+        with raises(ValueError, "`mask`", "(4,)", "(4, 3)"):
+            bn.batch_norm_forward(x, mask=backend.asarray(np.ones((4, 3), bool)))
+
+    def test_mask_dtype(self, backend, x):
+        with raises(TypeError, "`mask`", "bool"):
+            bn.batch_norm_forward(x, mask=backend.asarray(np.ones(4)))
+
+    def test_mask_must_be_an_array(self, x):
+        with raises(TypeError, "`mask`", "list"):
+            bn.batch_norm_forward(x, mask=[True, True, False, True])
+
+    def test_mask_of_another_library(self):
+        torch = pytest.importorskip("torch")
+        with raises(TypeError, "`mask`", "torch", "numpy"):
+            bn.batch_norm_forward(np.ones((4, 3)), mask=torch.ones(4, dtype=torch.bool))
+
+    @pytest.mark.skip_backend("dask", "jax", reason="lazy: the count is not checked")
+    def test_mask_with_fewer_than_two_counted_values(self, backend, x):
+        mask = backend.asarray(np.array([False, True, False, False]))
+        with raises(ValueError, "`mask`", "1 position", "two"):
+            bn.batch_norm_forward(x, mask=mask)
+
+    def test_variants_do_not_combine(self, backend, x, ones3):
+        with raises(ValueError, "`ghost_batch_size`", "`mask`", "one of"):
+            bn.batch_norm_forward(
+                x, ghost_batch_size=2, mask=backend.asarray(np.ones(4, bool))
+            )
+
+    def test_layer_renorm_needs_tracked_statistics(self):
+        with raises(ValueError, "`renorm`", "track_running_stats"):
+            bn.BatchNorm(3, renorm=bn.Renorm(rmax=3, dmax=5), track_running_stats=False)
+        with raises(TypeError, "`renorm`"):
+            bn.BatchNorm(3, renorm=3.0)
+        with raises(ValueError, "`ghost_batch_size`", "0"):
+            bn.BatchNorm(3, ghost_batch_size=0)

@@ -9,12 +9,14 @@ from ._core import (
 )
 from ._layer import BatchNorm
 from ._moments import population_stats
+from ._variants import Renorm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",
     "BatchNormContext",
+    "Renorm",
     "__version__",
     "batch_norm_backward",
     "batch_norm_forward",

@@ -12,6 +12,7 @@ from array_api_compat import (
     is_cupy_array,
     is_cupy_namespace,
     is_jax_namespace,
+    is_lazy_array,
     is_numpy_namespace,
     is_torch_array,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "is_cupy_array",
     "is_cupy_namespace",
     "is_jax_namespace",
+    "is_lazy_array",
     "is_numpy_namespace",
     "is_torch_array",
 ]

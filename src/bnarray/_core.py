@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _jax, _math
+from . import _jax, _math, _variants
 from ._compat import Array, Namespace, fast_namespace, is_jax_namespace
 from ._distributed import check_sync, global_grad_sums, global_moments
 from ._fast import Kernels, choose, kernel_env, kernels_for
@@ -26,6 +26,7 @@ from ._validation import (
     normalize_axis,
     reduce_count,
 )
+from ._variants import Renorm
 from .sync import Synchronizer
 
 __all__ = [
@@ -45,9 +46,10 @@ class BatchNormContext:
     but its attributes are public and stable.
 
     Once JAX is imported (before or after bnarray), the context is a JAX
-    pytree: the arrays `x`, `weight`, `mean`, `var` and `invstd` are its
-    leaves, `count`, `axis`, `training`, `eps` and `sync` its static
-    structure. A
+    pytree: the arrays `x`, `weight`, `mean`, `var`, `invstd`, `renorm_r`,
+    `renorm_d`, `ghost_mean`, `ghost_invstd` and `mask` are its leaves,
+    `count`, `axis`, `training`, `eps`, `sync`, `ghost_batch_size` and
+    `batch_axis` its static structure. A
     function under ``jax.jit`` or ``jax.vmap`` can then take and return
     contexts, and :func:`batch_norm_backward` accepts a context that crossed
     such a boundary.
@@ -62,12 +64,16 @@ class BatchNormContext:
         Per-channel statistics used to normalize, with the shape of the kept
         axes: in training the batch mean and the *biased* batch variance, in
         inference the running statistics. Float32 for 16-bit `x`. With
-        `sync` in training, those of the whole batch over all processes.
+        `sync` in training, those of the whole batch over all processes; with
+        ghost batches, those of the whole batch (each chunk was normalized
+        with its own, `ghost_mean` and `ghost_invstd`); with a `mask`, those
+        of the counted positions.
     invstd : array
         ``1 / sqrt(var + eps)``.
     count : int
         Number of elements per channel that were reduced over (m); with
-        `sync` in training, over all processes.
+        `sync` in training, over all processes. With a `mask`, the number of
+        positions, counted or not: ``sum(mask)`` of them were counted.
     axis : tuple of int
         The kept (channel) axes, non-negative and sorted.
     training : bool
@@ -77,6 +83,16 @@ class BatchNormContext:
     sync : Synchronizer or None
         The `sync` of the forward pass; after a training forward pass,
         :func:`batch_norm_backward` uses it too.
+    renorm_r, renorm_d : array or None
+        Batch renormalization's r and d (channel shape), or None.
+    ghost_mean, ghost_invstd : array or None
+        With ghost batches, each chunk's mean and ``1 / sqrt(var + eps)``,
+        stacked along a first axis (one row per chunk); else None.
+    mask : array or None
+        The `mask` of a training forward pass, or None.
+    ghost_batch_size, batch_axis : int or None
+        The chunk size and the (non-negative) axis split into chunks, with
+        ghost batches; else None.
     """
 
     x: Array
@@ -89,6 +105,13 @@ class BatchNormContext:
     training: bool
     eps: float
     sync: Synchronizer | None = None
+    renorm_r: Array | None = None
+    renorm_d: Array | None = None
+    ghost_mean: Array | None = None
+    ghost_invstd: Array | None = None
+    mask: Array | None = None
+    ghost_batch_size: int | None = None
+    batch_axis: int | None = None
 
     @property
     def reduce_axes(self) -> tuple[int, ...]:
@@ -109,8 +132,27 @@ class BatchNormContext:
 def _register_context_pytree() -> None:
     _jax.register_dataclass(
         BatchNormContext,
-        data_fields=("x", "weight", "mean", "var", "invstd"),
-        meta_fields=("count", "axis", "training", "eps", "sync"),
+        data_fields=(
+            "x",
+            "weight",
+            "mean",
+            "var",
+            "invstd",
+            "renorm_r",
+            "renorm_d",
+            "ghost_mean",
+            "ghost_invstd",
+            "mask",
+        ),
+        meta_fields=(
+            "count",
+            "axis",
+            "training",
+            "eps",
+            "sync",
+            "ghost_batch_size",
+            "batch_axis",
+        ),
     )
 
 
@@ -144,6 +186,10 @@ def batch_norm_forward(
     running_mean: Array | None = None,
     running_var: Array | None = None,
     sync: Synchronizer | None = None,
+    renorm: Renorm | None = None,
+    ghost_batch_size: int | None = None,
+    batch_axis: int = 0,
+    mask: Array | None = None,
 ) -> tuple[Array, BatchNormContext]:
     r"""Normalize `x` per channel, then scale and shift.
 
@@ -184,6 +230,28 @@ def batch_norm_forward(
         batch. Every process of the group must make the same calls in the
         same order; shares may differ in size, and be empty. One collective
         per call; none with ``training=False``. See :doc:`/distributed`.
+    renorm : Renorm, optional
+        Batch renormalization (Ioffe 2017) in training: ``y = γ(x̂ r + d) + β``
+        with r and d comparing the batch's statistics with `running_mean`
+        and `running_var`, which are then required (see :class:`Renorm`).
+        Inference ignores it.
+    ghost_batch_size : int, optional
+        Ghost batch norm (Hoffer et al. 2017) in training: `x` is split along
+        `batch_axis` into contiguous chunks of this size (the last one
+        smaller where it does not divide), each normalized with its own
+        statistics. ``ctx.mean`` and ``ctx.var`` are those of the whole batch
+        (merged exactly from the chunks'), so :func:`update_running_stats`
+        makes one update per call. A size of at least the batch's is plain
+        batch norm. Inference ignores it.
+    batch_axis : int, default 0
+        The axis that `ghost_batch_size` splits: one of the reduced axes.
+    mask : array of bool, optional
+        In training, the statistics (and so the running statistics) come
+        only from the positions where `mask` is True; every position is
+        normalized with them. Its shape is that of `x` without the channel
+        axes ((B, T) for `x` of shape (B, T, C) and ``axis=-1``, as in
+        Keras). Inference normalizes every position with the running
+        statistics and only checks the mask's metadata.
 
     Returns
     -------
@@ -197,13 +265,21 @@ def batch_norm_forward(
     TypeError
         A non-array or non-floating `x` or parameter; arrays of different
         libraries; a `training` that is not a bool; a `sync` without the
-        synchronizer's methods.
+        synchronizer's methods; a `renorm` that is not a :class:`Renorm`; a
+        non-integer `ghost_batch_size` or `batch_axis`; a `mask` that is not
+        a bool array.
     ValueError
         A bad `axis`, `eps` or parameter shape; an `x` of unknown shape (Dask
         after boolean indexing); arrays on different devices;
         fewer than two values per channel in training (over all processes
-        with `sync`: then every process raises); running statistics
-        missing in inference or given in training.
+        with `sync`: then every process raises; in a ghost batch; where
+        `mask` is True, checked only where the mask's values are at hand,
+        not for Dask and JAX arrays, whose statistics are then NaN or of a
+        zero variance); running statistics missing in inference or with
+        `renorm`, or given in training without it; a `ghost_batch_size`
+        below 1; a `batch_axis` that is a channel axis; a `mask` of the
+        wrong shape; two of `renorm`, `ghost_batch_size` and `mask`, or one
+        of them with `sync`, in training.
     RuntimeError
         A collective of `sync` that returned an array of the wrong shape
         (processes whose `x` differ in channel shape), or the engine's own
@@ -233,7 +309,8 @@ def batch_norm_forward(
     key = None
     # A synchronizer is checked on every call; what is not an array has no
     # key, and the checks say which argument it is.
-    if sync is None:
+    variant_asked = not (renorm is None and ghost_batch_size is None and mask is None)
+    if sync is None and not variant_asked:
         with suppress(AttributeError):
             key = (
                 _FORWARD,
@@ -250,11 +327,42 @@ def batch_norm_forward(
     call = PLANS.get(key)
     if call is None:
         call = _forward_plan(
-            x, weight, bias, axis, eps, training, running_mean, running_var, sync
+            x,
+            weight,
+            bias,
+            axis,
+            eps,
+            training,
+            running_mean,
+            running_var,
+            sync,
+            renorm,
+            ghost_batch_size,
+            batch_axis,
+            mask,
         )
         PLANS.put(key, call)
     elif not call.one_device:
-        _same_device(x, weight, bias, running_mean, running_var)
+        _same_device(x, weight, bias, running_mean, running_var, None)
+    if call.variant is not None:
+        y, fields = _variants.forward(
+            call.variant,
+            x,
+            weight,
+            bias,
+            kept=call.kept,
+            eps=call.eps,
+            renorm=renorm,
+            ghost_batch_size=ghost_batch_size,
+            batch_axis=batch_axis,
+            mask=mask,
+            running_mean=running_mean,
+            running_var=running_var,
+            xp=call.api,
+        )
+        return y, BatchNormContext(
+            x=x, weight=weight, axis=call.kept, training=True, eps=call.eps, **fields
+        )
     return _forward(call, x, weight, bias, running_mean, running_var, axis, sync)
 
 
@@ -274,6 +382,8 @@ class _ForwardPlan:
     count: int
     eps: float
     training: bool
+    api: Namespace  # array-api-compat's namespace (`xp` may be NumPy itself)
+    variant: _variants.Variant | None = None
 
 
 _FORWARD, _BACKWARD, _UPDATE = "forward", "backward", "update"
@@ -285,6 +395,7 @@ def _same_device(
     bias: Array | None,
     running_mean: Array | None,
     running_var: Array | None,
+    mask: Array | None,
 ) -> Namespace:
     return namespace_of(
         {
@@ -293,6 +404,7 @@ def _same_device(
             "bias": bias,
             "running_mean": running_mean,
             "running_var": running_var,
+            "mask": mask,
         }
     )
 
@@ -307,9 +419,13 @@ def _forward_plan(
     running_mean: Array | None,
     running_var: Array | None,
     sync: object,
+    renorm: object,
+    ghost_batch_size: object,
+    batch_axis: object,
+    mask: Array | None,
 ) -> _ForwardPlan:
     """Every check of :func:`batch_norm_forward`, in order, and what they decide."""
-    xp = _same_device(x, weight, bias, running_mean, running_var)
+    xp = _same_device(x, weight, bias, running_mean, running_var, mask)
     if is_jax_namespace(xp):
         _register_context_pytree()
     check_x(x, xp)
@@ -327,7 +443,22 @@ def _forward_plan(
         check_channel_array(a, name, channel_shape, xp)
     reduce_axes = tuple(a for a in range(x.ndim) if a not in kept)
     count = reduce_count(tuple(x.shape), reduce_axes)
-    check_statistics_source(training, running_mean, running_var)
+
+    variant = _variants.check_variant(
+        x,
+        kept,
+        training=training,
+        synced=synced,
+        renorm=renorm,
+        ghost_batch_size=ghost_batch_size,
+        batch_axis=batch_axis,
+        mask=mask,
+        running_mean=running_mean,
+        running_var=running_var,
+        xp=xp,
+    )
+    if variant != "renorm":  # renorm compares the batch with the running statistics
+        check_statistics_source(training, running_mean, running_var)
     if training and not synced:  # with `sync`, the count over all processes decides
         check_batch_count(count, tuple(x.shape), axis)
     kernels, contiguous = choose(x.dtype, x.size, kept, xp)
@@ -345,6 +476,8 @@ def _forward_plan(
         count=count,
         eps=eps,
         training=training,
+        api=xp,
+        variant=variant,
     )
 
 
@@ -467,25 +600,28 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
     """
     ctx = _check_ctx(ctx)
     x = ctx.x
-    try:
-        key = (
-            _BACKWARD,
-            kernel_env(),
-            meta(dy),
-            meta(x),
-            ctx.axis,
-            ctx.training,
-            meta(ctx.weight),
-            meta(ctx.mean),
-        )
-    except AttributeError:
-        key = None
+    variant = _variants.variant_of(ctx) if ctx.training else None
+    key = None
+    if variant is None:
+        with suppress(AttributeError):
+            key = (
+                _BACKWARD,
+                kernel_env(),
+                meta(dy),
+                meta(x),
+                ctx.axis,
+                ctx.training,
+                meta(ctx.weight),
+                meta(ctx.mean),
+            )
     call = PLANS.get(key)
     if call is None:
         call = _backward_plan(dy, ctx)
         PLANS.put(key, call)
     elif not call.one_device:
         namespace_of({"dy": dy, "x": x})
+    if variant is not None:
+        return _variants.backward(dy, ctx, xp=call.api)
     xp, kernels, shape, dtype = call.xp, call.kernels, call.shape, call.dtype
     if call.contiguous:
         x, dy = np.ascontiguousarray(x), np.ascontiguousarray(dy)
@@ -519,6 +655,7 @@ class _BackwardPlan:
     """What the checks of a backward call decide (see :mod:`bnarray._plans`)."""
 
     xp: Namespace
+    api: Namespace  # array-api-compat's namespace (`xp` may be NumPy itself)
     kernels: Kernels
     contiguous: bool
     one_device: bool
@@ -544,6 +681,7 @@ def _backward_plan(dy: Array, ctx: BatchNormContext) -> _BackwardPlan:
     dtype = ctx.mean.dtype
     return _BackwardPlan(
         xp=fast_namespace(xp),
+        api=xp,
         kernels=kernels,
         contiguous=contiguous,
         one_device=type(x) is np.ndarray and type(dy) is np.ndarray,
@@ -657,7 +795,11 @@ def update_running_stats(
     n = check_num_batches_tracked(num_batches_tracked, required=momentum is None)
 
     factor = momentum if momentum is not None else 1.0 / n  # type: ignore[operator]
-    bessel = ctx.count / (ctx.count - 1) if call.unbiased else 1.0
+    bessel: float | Array = 1.0
+    if call.unbiased and ctx.mask is not None:  # the counted positions' number
+        bessel = _variants.masked_bessel(ctx.mask, running_var.dtype, call.api)
+    elif call.unbiased:
+        bessel = ctx.count / (ctx.count - 1)
     new_mean: Array
     new_var: Array
     new_mean, new_var = call.kernels.running_update(
@@ -677,6 +819,7 @@ class _UpdatePlan:
     """What the checks of an update decide (see :mod:`bnarray._plans`)."""
 
     xp: Namespace
+    api: Namespace  # array-api-compat's namespace (`xp` may be NumPy itself)
     kernels: Kernels
     one_device: bool
     momentum: float | None
@@ -715,6 +858,7 @@ def _update_plan(
     arrays = (running_mean, running_var, ctx.mean)
     return _UpdatePlan(
         xp=fast_namespace(xp),
+        api=xp,
         kernels=kernels_for(xp),
         one_device=all(type(a) is np.ndarray for a in arrays),
         momentum=checked,

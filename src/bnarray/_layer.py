@@ -38,6 +38,7 @@ from ._validation import (
     namespace_of,
     normalize_axis,
 )
+from ._variants import Renorm
 from .sync import Synchronizer
 
 __all__ = ["BatchNorm"]
@@ -183,6 +184,17 @@ class BatchNorm:
         :func:`batch_norm_forward` and :doc:`/distributed`); every process
         then holds the same running statistics. Inference mode never
         communicates. Default None: this process's batch.
+    renorm : Renorm, optional
+        Batch renormalization in training mode, against the layer's running
+        statistics (which must be tracked); see :class:`Renorm`. The
+        attribute may be replaced between calls (the paper raises `rmax`
+        and `dmax` during training).
+    ghost_batch_size : int, optional
+        Ghost batch norm in training mode: chunks of this size along
+        `batch_axis` each use their own statistics; the running statistics
+        are updated once per call with the whole batch's.
+    batch_axis : int, default 0
+        The axis `ghost_batch_size` splits.
 
     Attributes
     ----------
@@ -206,7 +218,9 @@ class BatchNorm:
         floating dtype of `xp`; a `sync` that is not a synchronizer.
     ValueError
         A `num_features` that is not positive or does not give one size per
-        channel axis; `eps` or `momentum` out of range.
+        channel axis; `eps` or `momentum` out of range; `renorm` without
+        `track_running_stats`, or with `ghost_batch_size`; a
+        `ghost_batch_size` below 1.
 
     Notes
     -----
@@ -260,6 +274,9 @@ class BatchNorm:
         device: Device = None,
         dtype: Any = None,
         sync: Synchronizer | None = None,
+        renorm: Renorm | None = None,
+        ghost_batch_size: int | None = None,
+        batch_axis: int = 0,
     ) -> None:
         self.channel_shape = _channel_shape(num_features, axis)
         self.axis = axis
@@ -271,6 +288,23 @@ class BatchNorm:
         )
         self.unbiased = check_bool(unbiased, "unbiased")
         self.sync = check_sync(sync)
+        if renorm is not None and not isinstance(renorm, Renorm):
+            msg = f"`renorm` must be a bnarray.Renorm or None, got {renorm!r:.80}"
+            raise TypeError(msg)
+        if renorm is not None and not self.track_running_stats:
+            msg = "`renorm` needs running statistics: pass track_running_stats=True"
+            raise ValueError(msg)
+        if renorm is not None and ghost_batch_size is not None:
+            msg = "`renorm` and `ghost_batch_size` do not combine; pass one of them"
+            raise ValueError(msg)
+        if ghost_batch_size is not None:
+            ghost_batch_size = check_integer(ghost_batch_size, "ghost_batch_size")
+            if ghost_batch_size < 1:
+                msg = f"`ghost_batch_size` must be a positive int, got {ghost_batch_size!r}"
+                raise ValueError(msg)
+        self.renorm = renorm
+        self.ghost_batch_size = ghost_batch_size
+        self.batch_axis = batch_axis
         if xp is None:
             import numpy
 
@@ -312,6 +346,13 @@ class BatchNorm:
             f"track_running_stats={self.track_running_stats}, "
             f"unbiased={self.unbiased}"
             + ("" if self.sync is None else f", sync={self.sync!r}")
+            + ("" if self.renorm is None else f", renorm={self.renorm!r}")
+            + (
+                ""
+                if self.ghost_batch_size is None
+                else f", ghost_batch_size={self.ghost_batch_size}, "
+                f"batch_axis={self.batch_axis!r}"
+            )
             + ")"
         )
 
@@ -323,12 +364,15 @@ class BatchNorm:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # Layers pickled before the variant options existed have none of them.
+        defaults = {"renorm": None, "ghost_batch_size": None, "batch_axis": 0}
         self.__dict__.update(
             {
                 # Pickles of layers that had no `unbiased` or `frozen` yet.
                 "unbiased": True,
                 "_frozen": False,
                 "sync": None,
+                **defaults,
                 **state,
                 "_xp": importlib.import_module(state["_xp"]),
             }
@@ -416,12 +460,19 @@ class BatchNorm:
         self._frozen = False
         return self
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
         """Normalize `x` in the current mode; in training mode (and not
         :attr:`frozen`), also update the running statistics and
-        ``num_batches_tracked``."""
+        ``num_batches_tracked``.
+
+        `mask` (bool, the shape of `x` without the channel axes) restricts
+        the statistics, and so the running statistics, to the positions where
+        it is True; see :func:`batch_norm_forward`.
+        """
         updating = self.training and not self._frozen
         use_batch_stats = updating or not self.track_running_stats
+        # Renorm compares the batch's statistics with the running ones.
+        pass_running = not use_batch_stats or (updating and self.renorm is not None)
         # Inference never communicates: processes may evaluate different numbers
         # of batches.
         sync = self.sync if updating else None
@@ -435,9 +486,13 @@ class BatchNorm:
                 axis=self.axis,
                 eps=self.eps,
                 training=use_batch_stats,
-                running_mean=None if use_batch_stats else self.running_mean,
-                running_var=None if use_batch_stats else self.running_var,
+                running_mean=self.running_mean if pass_running else None,
+                running_var=self.running_var if pass_running else None,
                 sync=sync,
+                renorm=self.renorm,
+                ghost_batch_size=self.ghost_batch_size,
+                batch_axis=self.batch_axis,
+                mask=mask,
             )
         except (TypeError, ValueError):
             # The forward also compares `x` with the layer's arrays; the layer's
