@@ -5,13 +5,14 @@ from __future__ import annotations
 import sys
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from . import _jax, _math, _variants
 from ._compat import Array, Namespace, fast_namespace, is_jax_namespace
 from ._distributed import check_sync, global_grad_sums, global_moments
-from ._fast import Kernels, choose, kernel_env, kernels_for
+from ._fast import Kernels, choose, fused, kernel_env, kernels_for
 from ._plans import PLANS, exact, meta
 from ._validation import (
     check_batch_count,
@@ -384,6 +385,7 @@ class _ForwardPlan:
     training: bool
     api: Namespace  # array-api-compat's namespace (`xp` may be NumPy itself)
     variant: _variants.Variant | None = None
+    fused: Any = None  # the module of a fused training pass (small NumPy arrays)
 
 
 _FORWARD, _BACKWARD, _UPDATE = "forward", "backward", "update"
@@ -478,6 +480,7 @@ def _forward_plan(
         training=training,
         api=xp,
         variant=variant,
+        fused=fused(kernels, x.size) if training and not synced else None,
     )
 
 
@@ -494,6 +497,15 @@ def _forward(
     xp, kernels, shape, dtype = call.xp, call.kernels, call.shape, call.dtype
     xs = np.ascontiguousarray(x) if call.contiguous else x
     count = call.count
+    if call.fused is not None:
+        y, mean, var, invstd = call.fused.small_forward(
+            xs,
+            shape,
+            _as_stat(weight, shape, dtype, xp),
+            _as_stat(bias, shape, dtype, xp),
+            call.eps,
+        )
+        return y, _context(call, x, weight, mean, var, invstd, count, None)
     if call.training and sync is not None:
         mean, var, count = global_moments(
             xs, call.reduce_axes, count, sync, axis=axis, kernels=kernels, xp=xp
@@ -507,8 +519,21 @@ def _forward(
     invstd, scale = kernels.forward_scales(var, gamma, call.eps, xp=xp)
     beta = _as_stat(bias, shape, dtype, xp)
     y = kernels.normalize(xs, mean, scale, beta, xp=xp)
-    channel_shape = call.channel_shape
-    ctx = BatchNormContext(
+    return y, _context(call, x, weight, mean, var, invstd, count, sync)
+
+
+def _context(
+    call: _ForwardPlan,
+    x: Array,
+    weight: Array | None,
+    mean: Array,
+    var: Array,
+    invstd: Array,
+    count: int,
+    sync: Synchronizer | None,
+) -> BatchNormContext:
+    xp, channel_shape = call.xp, call.channel_shape
+    return BatchNormContext(
         x=x,
         weight=weight,
         mean=xp.reshape(mean, channel_shape),
@@ -520,7 +545,6 @@ def _forward(
         eps=call.eps,
         sync=sync,
     )
-    return y, ctx
 
 
 def _check_ctx(ctx: object) -> BatchNormContext:
@@ -630,6 +654,16 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
     invstd = xp.reshape(ctx.invstd, shape)
     gamma = _as_stat(ctx.weight, shape, dtype, xp)
 
+    channel_shape, param_dtype = call.channel_shape, call.param_dtype
+    if call.fused is not None and ctx.sync is None:
+        dx, dweight, sum_dy = call.fused.small_backward(
+            dy, x, mean, invstd, gamma, ctx.count
+        )
+        return (
+            dx,
+            xp.astype(xp.reshape(dweight, channel_shape), param_dtype, copy=False),
+            xp.astype(xp.reshape(sum_dy, channel_shape), param_dtype, copy=False),
+        )
     sum_dy, sum_dy_xc = kernels.grad_sums(dy, x, mean, reduce_axes, xp=xp)
     if ctx.training and ctx.sync is not None:
         total_dy, total_dy_xc = global_grad_sums(sum_dy, sum_dy_xc, ctx.sync, xp=xp)
@@ -642,7 +676,6 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
             sum_dy, sum_dy_xc, invstd, gamma, ctx.count, training=ctx.training, xp=xp
         )
     dx = kernels.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp)
-    channel_shape, param_dtype = call.channel_shape, call.param_dtype
     return (
         dx,
         xp.astype(xp.reshape(dweight, channel_shape), param_dtype, copy=False),
@@ -664,6 +697,7 @@ class _BackwardPlan:
     shape: tuple[int, ...]
     dtype: object  # the compute dtype: the statistics'
     param_dtype: object  # of dweight and dbias
+    fused: Any = None  # the module of a fused training pass (small NumPy arrays)
 
 
 def _backward_plan(dy: Array, ctx: BatchNormContext) -> _BackwardPlan:
@@ -690,6 +724,7 @@ def _backward_plan(dy: Array, ctx: BatchNormContext) -> _BackwardPlan:
         shape=_broadcast_shape(tuple(x.shape), ctx.axis),
         dtype=dtype,
         param_dtype=dtype if ctx.weight is None else ctx.weight.dtype,
+        fused=fused(kernels, x.size) if ctx.training else None,
     )
 
 

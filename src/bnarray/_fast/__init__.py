@@ -19,6 +19,7 @@ __all__ = [
     "Kernels",
     "Plan",
     "choose",
+    "fused",
     "kernel_env",
     "kernels_for",
     "plan",
@@ -224,3 +225,18 @@ def plan(
 
     c = np.ascontiguousarray
     return Plan(kernels, c(x), None if dy is None else c(dy))
+
+
+# Arrays of fewer elements than this take the fused loops of ``_numba`` for
+# training passes: the size below which the kernels run on one thread.
+FUSED_MAX_ELEMENTS = 1 << 17
+
+
+def fused(kernels: Kernels, size: int) -> Any:
+    """The module of fused training passes (``small_forward``,
+    ``small_backward``) for an array of `size` elements that `kernels` serve,
+    or None: the Numba kernels have them, for arrays of fewer than
+    `FUSED_MAX_ELEMENTS` elements."""
+    if not hasattr(kernels, "small_forward") or size >= FUSED_MAX_ELEMENTS:
+        return None
+    return kernels
