@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "is_lazy_array",
     "is_numpy_namespace",
     "is_torch_array",
+    "numpy_namespace",
 ]
 
 Array = Any
@@ -59,3 +61,12 @@ def fast_namespace(xp: Namespace) -> Namespace:
 
         return numpy
     return xp
+
+
+@functools.cache
+def numpy_namespace() -> Namespace:
+    """The namespace the NumPy kernels give the generic ones: :func:`fast_namespace`
+    of NumPy's."""
+    import numpy
+
+    return fast_namespace(array_namespace(numpy.empty(0)))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,7 +172,13 @@ def _as_stat(
     """A per-channel array in the broadcast shape and the compute dtype."""
     if a is None:
         return None
+    if type(a) is np.ndarray:  # the methods: NumPy's functions wrap them
+        return a.astype(dtype, copy=False).reshape(shape)
     return xp.reshape(xp.astype(a, dtype, copy=False), shape)
+
+
+def _reshape(a: Array, shape: tuple[int, ...], xp: Namespace) -> Array:
+    return a.reshape(shape) if type(a) is np.ndarray else xp.reshape(a, shape)
 
 
 def batch_norm_forward(
@@ -312,7 +317,7 @@ def batch_norm_forward(
     # key, and the checks say which argument it is.
     variant_asked = not (renorm is None and ghost_batch_size is None and mask is None)
     if sync is None and not variant_asked:
-        with suppress(AttributeError):
+        try:
             key = (
                 _FORWARD,
                 kernel_env(),
@@ -325,6 +330,8 @@ def batch_norm_forward(
                 meta(running_mean),
                 meta(running_var),
             )
+        except AttributeError:
+            key = None
     call = PLANS.get(key)
     if call is None:
         call = _forward_plan(
@@ -536,9 +543,9 @@ def _context(
     return BatchNormContext(
         x=x,
         weight=weight,
-        mean=xp.reshape(mean, channel_shape),
-        var=xp.reshape(var, channel_shape),
-        invstd=xp.reshape(invstd, channel_shape),
+        mean=_reshape(mean, channel_shape, xp),
+        var=_reshape(var, channel_shape, xp),
+        invstd=_reshape(invstd, channel_shape, xp),
         count=count,
         axis=call.kept,
         training=call.training,
@@ -627,7 +634,7 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
     variant = _variants.variant_of(ctx) if ctx.training else None
     key = None
     if variant is None:
-        with suppress(AttributeError):
+        try:
             key = (
                 _BACKWARD,
                 kernel_env(),
@@ -638,6 +645,8 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
                 meta(ctx.weight),
                 meta(ctx.mean),
             )
+        except AttributeError:
+            key = None
     call = PLANS.get(key)
     if call is None:
         call = _backward_plan(dy, ctx)
@@ -650,8 +659,8 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
     if call.contiguous:
         x, dy = np.ascontiguousarray(x), np.ascontiguousarray(dy)
     reduce_axes = call.reduce_axes
-    mean = xp.reshape(ctx.mean, shape)
-    invstd = xp.reshape(ctx.invstd, shape)
+    mean = _reshape(ctx.mean, shape, xp)
+    invstd = _reshape(ctx.invstd, shape, xp)
     gamma = _as_stat(ctx.weight, shape, dtype, xp)
 
     channel_shape, param_dtype = call.channel_shape, call.param_dtype
@@ -661,8 +670,8 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
         )
         return (
             dx,
-            xp.astype(xp.reshape(dweight, channel_shape), param_dtype, copy=False),
-            xp.astype(xp.reshape(sum_dy, channel_shape), param_dtype, copy=False),
+            _as_stat(dweight, channel_shape, param_dtype, xp),
+            _as_stat(sum_dy, channel_shape, param_dtype, xp),
         )
     sum_dy, sum_dy_xc = kernels.grad_sums(dy, x, mean, reduce_axes, xp=xp)
     if ctx.training and ctx.sync is not None:
@@ -678,8 +687,8 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
     dx = kernels.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp)
     return (
         dx,
-        xp.astype(xp.reshape(dweight, channel_shape), param_dtype, copy=False),
-        xp.astype(xp.reshape(sum_dy, channel_shape), param_dtype, copy=False),
+        _as_stat(dweight, channel_shape, param_dtype, xp),
+        _as_stat(sum_dy, channel_shape, param_dtype, xp),
     )
 
 

@@ -103,10 +103,27 @@ NUMBA_ENV = "BNARRAY_NUMBA"
 """Set this environment variable to ``0`` to run NumPy arrays without Numba when it is installed."""
 
 
-def kernel_env() -> tuple[str | None, str | None]:
-    """The environment variables that :func:`kernels_for` reads, for the keys
-    of cached plans: a plan made under other values does not serve."""
-    return os.environ.get(FORCE_GENERIC_ENV), os.environ.get(NUMBA_ENV)
+def kernel_env() -> tuple[Any, Any]:
+    """The values of the environment variables that :func:`kernels_for`
+    reads, for the keys of cached plans: a plan made under other values does
+    not serve. (Read from the mapping behind ``os.environ``, which its
+    updates keep current: ``os.environ.get`` encodes each name first, a
+    microsecond a call.)"""
+    if _ENV_DATA is None:
+        return os.environ.get(FORCE_GENERIC_ENV), os.environ.get(NUMBA_ENV)
+    return _ENV_DATA.get(_ENV_KEYS[0]), _ENV_DATA.get(_ENV_KEYS[1])
+
+
+def _env_data() -> tuple[Any, tuple[Any, Any]]:
+    try:
+        data = os.environ._data  # type: ignore[attr-defined]
+        encode = os.environ.encodekey  # type: ignore[attr-defined]
+        return data, (encode(FORCE_GENERIC_ENV), encode(NUMBA_ENV))
+    except AttributeError:  # not CPython's os.environ
+        return None, (None, None)
+
+
+_ENV_DATA, _ENV_KEYS = _env_data()
 
 
 @functools.cache
@@ -229,14 +246,16 @@ def plan(
 
 # Arrays of fewer elements than this take the fused loops of ``_numba`` for
 # training passes: the size below which the kernels run on one thread.
-FUSED_MAX_ELEMENTS = 1 << 17
+FUSED_MAX_ELEMENTS = 1 << 18
 
 
 def fused(kernels: Kernels, size: int) -> Any:
     """The module of fused training passes (``small_forward``,
     ``small_backward``) for an array of `size` elements that `kernels` serve,
-    or None: the Numba kernels have them, for arrays of fewer than
-    `FUSED_MAX_ELEMENTS` elements."""
-    if not hasattr(kernels, "small_forward") or size >= FUSED_MAX_ELEMENTS:
+    or None: the Numba kernels have them for arrays of fewer than
+    `FUSED_MAX_ELEMENTS` elements, the NumPy kernels for fewer than
+    ``_numpy._SMALL_ELEMENTS``."""
+    limit = getattr(kernels, "_SMALL_ELEMENTS", FUSED_MAX_ELEMENTS)
+    if not hasattr(kernels, "small_forward") or size >= limit:
         return None
     return kernels

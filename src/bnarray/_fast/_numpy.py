@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from .._compat import Array, Namespace
+from .. import _math
+from .._compat import Array, Namespace, numpy_namespace
 from .._math import backward_scales, forward_scales, running_update
 from . import _cpu
 
@@ -303,3 +304,85 @@ def grad_input(
 
     _run(work, x3.shape)
     return dx
+
+
+# Small arrays: a whole training forward pass, and a whole training backward
+# pass, in a few NumPy operations on the full array, with no blocks: below
+# `_SMALL_ELEMENTS` elements the blocked kernels' fixed cost (operands,
+# block plans, per-channel arithmetic between four kernels) is most of a
+# step. The sums are the generic kernels' (`_math._sum`: no running sum of
+# more than 1024 terms), the statistics their corrected two passes.
+_SMALL_ELEMENTS = 1 << 14
+
+
+def _small_axes(x3: np.ndarray) -> tuple[int, ...]:
+    return (0,) if x3.shape[2] == 1 else (0, 2)
+
+
+def small_forward(
+    x: np.ndarray,
+    channel_shape: tuple[int, ...],
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    eps: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A training forward pass of a small C-contiguous `x`: see
+    :func:`bnarray._fast._numba.small_forward`. The generic kernels on the
+    (A, C, B) view, whose reductions NumPy runs faster than over the axes of
+    `x` (and no NumPy function wraps them)."""
+    x3 = _cpu.view3(x, channel_shape)
+    xp = numpy_namespace()
+    mean, var = _math.batch_stats(x3, _small_axes(x3), xp=xp)
+    invstd, scale = forward_scales(var, _flat3(gamma, x3), eps, xp=xp)
+    y = _math.normalize(x3, mean, scale, _flat3(beta, x3), xp=xp)
+    return (
+        y.reshape(x.shape),
+        mean.reshape(channel_shape),
+        var.reshape(channel_shape),
+        invstd.reshape(channel_shape),
+    )
+
+
+def small_backward(
+    dy: np.ndarray,
+    x: np.ndarray,
+    mean: np.ndarray,
+    invstd: np.ndarray,
+    gamma: np.ndarray | None,
+    count: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The training backward pass of a small C-contiguous `x` and `dy`: see
+    :func:`bnarray._fast._numba.small_backward`."""
+    x3 = _cpu.view3(x, tuple(mean.shape))
+    dy3 = dy.reshape(x3.shape)
+    axes = _small_axes(x3)
+    dtype = mean.dtype
+    mean3, invstd3 = _flat3(mean, x3), _flat3(invstd, x3)
+    xp = numpy_namespace()
+    dyc = dy3.astype(dtype, copy=False)
+    sum_dy = _math._sum(dyc, axes, xp=xp)
+    xc = np.subtract(x3, mean3, dtype=dtype)
+    sum_dy_xc = _math._sum(xc * dyc, axes, xp=xp)
+    dweight, dy_scale, xc_scale, shift = backward_scales(
+        sum_dy,
+        sum_dy_xc,
+        invstd3,
+        _flat3(gamma, x3),
+        count,
+        training=True,
+        xp=xp,
+    )
+    dx = np.multiply(dyc, dy_scale)
+    xc *= xc_scale
+    dx += xc
+    dx += shift
+    return (
+        dx.astype(x.dtype, copy=False).reshape(x.shape),
+        dweight.reshape(mean.shape),
+        sum_dy.reshape(mean.shape),
+    )
+
+
+def _flat3(v: np.ndarray | None, x3: np.ndarray) -> np.ndarray | None:
+    """A per-channel array as (1, C, 1), to combine with an (A, C, B) array."""
+    return None if v is None else v.reshape(1, x3.shape[1], 1)
