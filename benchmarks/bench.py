@@ -26,6 +26,11 @@ fastest round of the same calls made of the least any implementation must do
 `floor_case`). "Extra memory" is the peak of
 NumPy allocations during the call beyond its outputs (traced with
 :mod:`tracemalloc`; not available for PyTorch).
+
+A full run (or ``--mask`` alone) also times a masked training forward+backward
+(``mask=``, True on 90 % of the positions, chosen at random) against the
+unmasked one on the fast path and on the generic path, for one image shape and
+one sequence shape (`MASK_SHAPES`): masked calls run the generic kernels.
 """
 
 from __future__ import annotations
@@ -58,6 +63,10 @@ DTYPES = ["float32", "float16"]
 OPS = ["fwd", "bwd", "fwd+bwd", "infer"]
 # Full-size arrays each operation must move: reads + writes, in units of x.nbytes.
 TRAFFIC = {"fwd": 3, "bwd": 5, "fwd+bwd": 8, "infer": 2}
+# (shape, channel axis) of the masked-call table: an NCHW image batch and a
+# (batch, time, channels) sequence batch.
+MASK_SHAPES = [((32, 64, 56, 56), 1), ((64, 128, 256), -1)]
+MASK_KEPT = 0.9
 
 
 # Pause before each timed call. PyTorch's OpenMP threads keep spinning for
@@ -159,6 +168,72 @@ def numpy_case(
         return (y,)
 
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd, "infer": infer}
+
+
+def masked_case(
+    x: np.ndarray, dy: np.ndarray, axis: int, mask: np.ndarray
+) -> dict[str, Callable[[], Any]]:
+    """Training forward+backward with and without `mask`, on bnarray's public API."""
+    c = x.shape[axis]
+    w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+
+    def fwd_bwd(mask: np.ndarray | None) -> tuple[Any, ...]:
+        y, ctx = bn.batch_norm_forward(x, w, b, axis=axis, mask=mask)
+        bn.update_running_stats(rm, rv, ctx)
+        dx, _, _ = bn.batch_norm_backward(dy, ctx)
+        return (y, dx)
+
+    def unmasked() -> tuple[Any, ...]:
+        return fwd_bwd(None)
+
+    def masked() -> tuple[Any, ...]:
+        return fwd_bwd(mask)
+
+    return {"unmasked": unmasked, "generic": generic(unmasked), "masked": masked}
+
+
+def run_masked(repeat: int) -> list[dict[str, Any]]:
+    """The masked-call table: fwd+bwd times in ms and the masked/unmasked ratios."""
+    print(
+        f"\nMasked training fwd+bwd, float32, mask True on {MASK_KEPT:.0%} of the "
+        f"positions; median of {repeat}"
+    )
+    header = (
+        f"{'shape':<16}{'axis':>5}{'unmasked ms':>12}{'generic ms':>11}"
+        f"{'masked ms':>10}{'x unmasked':>11}{'x generic':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    rng = np.random.default_rng(2)
+    rows = []
+    for shape, axis in MASK_SHAPES:
+        x = rng.standard_normal(shape, dtype=np.float32) * 2 + 3
+        dy = rng.standard_normal(shape, dtype=np.float32)
+        mask_shape = tuple(n for a, n in enumerate(shape) if a != axis % len(shape))
+        mask = rng.random(mask_shape) < MASK_KEPT
+        ms = {
+            impl: 1e3 * t
+            for impl, t in median_times(
+                masked_case(x, dy, axis, mask), repeat=repeat, warmup=1
+            ).items()
+        }
+        row = {
+            "shape": list(shape),
+            "axis": axis,
+            "dtype": "float32",
+            "mask_true_fraction": float(mask.mean()),
+            **{f"{impl}_ms": t for impl, t in ms.items()},
+        }
+        rows.append(row)
+        print(
+            f"{'x'.join(map(str, shape)):<16}{axis:>5}{ms['unmasked']:>12.2f}"
+            f"{ms['generic']:>11.2f}{ms['masked']:>10.2f}"
+            f"{ms['masked'] / ms['unmasked']:>11.2f}"
+            f"{ms['masked'] / ms['generic']:>10.2f}",
+            flush=True,
+        )
+    return rows
 
 
 def torch_case(
@@ -306,7 +381,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print("Numba not installed: timing the NumPy-only kernels", file=sys.stderr)
     if torch is not None:
         torch.set_num_threads(threads)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    shapes = [] if args.mask else QUICK_SHAPES if args.quick else SHAPES
     dtypes = ["float32"] if args.quick else DTYPES
     repeat = args.repeat or (3 if args.quick else 7)
     load_before = os.getloadavg()[0]
@@ -359,6 +434,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     results.append(row)
                     print_row(row, header=len(results) == 1)
     pool.shutdown()
+    masked = None if args.quick else run_masked(repeat)
     return {
         "date": datetime.date.today().isoformat(),
         "machine": {
@@ -376,6 +452,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "repeat": repeat,
         "results": results,
+        "masked": masked,
     }
 
 
@@ -420,6 +497,8 @@ def print_row(row: dict[str, Any], *, header: bool) -> None:
 
 def summarize(data: dict[str, Any]) -> None:
     """Print the NumPy targets, per dtype: fwd+bwd against PyTorch, roof, memory."""
+    if not data["results"]:
+        return
     print("\nTargets (NumPy fast path), worst case over the shapes:")
     for dtype in sorted({r["dtype"] for r in data["results"]}, reverse=True):
         rows = [r for r in data["results"] if r["dtype"] == dtype]
@@ -488,6 +567,11 @@ def main(argv: list[str] | None = None) -> None:
         help="leave out the generic array-API path (the slowest part of a run)",
     )
     parser.add_argument(
+        "--mask",
+        action="store_true",
+        help="only the masked-call table (a full run ends with it)",
+    )
+    parser.add_argument(
         "--json",
         type=Path,
         help="where to write the results (default: benchmarks/results.json, "
@@ -495,7 +579,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.json is None:
-        name = "results-quick.json" if args.quick else "results.json"
+        name = (
+            "results-mask.json"
+            if args.mask
+            else "results-quick.json"
+            if args.quick
+            else "results.json"
+        )
         args.json = Path(__file__).with_name(name)
     data = run(args)
     summarize(data)

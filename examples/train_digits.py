@@ -8,7 +8,8 @@ PNG:
 1. ``lr_sweep``: a 3x100 sigmoid MLP with batch 60, with and without batch norm, at
    several learning rates (the analogue of Ioffe & Szegedy 2015, Figure 1).
 2. ``batch_size_sweep``: batch sizes 2 to 128 for the same number of epochs with the
-   learning rate scaled linearly with the batch size (the protocol of Wu & He 2018).
+   learning rate scaled linearly with the batch size (the protocol of Wu & He 2018),
+   with batch norm, with batch renormalization (Ioffe 2017) and without either.
 3. ``eval_modes``: one trained network evaluated with running averages, with the
    test batch's own statistics, and one sample at a time.
 
@@ -51,6 +52,15 @@ REFERENCE_BATCH = 60
 
 EPS = 1e-5
 MOMENTUM = 0.1
+
+RENORM_WARMUP = 0.05
+"""Fraction of the steps trained with plain batch norm before renorm's bounds open."""
+RENORM_DMAX_AT = 0.25
+"""Fraction of the steps at which dmax reaches RENORM_DMAX (linearly from 0)."""
+RENORM_RMAX_AT = 0.40
+"""Fraction of the steps at which rmax reaches RENORM_RMAX (linearly from 1)."""
+RENORM_RMAX = 3.0
+RENORM_DMAX = 5.0
 
 
 @dataclass(frozen=True)
@@ -215,6 +225,28 @@ class MLP:
                 norm.bias = norm.bias - lr * norm.grad_bias
 
 
+def renorm_bounds(step: int, steps: int) -> bn.Renorm | None:
+    """The clipping bounds of batch renormalization at `step` of `steps`.
+
+    Ioffe (2017, Sec. 4) trains with plain batch norm for 5k steps, then relaxes
+    the bounds until dmax = 5 at 25k steps and rmax = 3 at 40k. Here those step
+    counts are read as percent of the run: plain batch norm for the first 5 %
+    (None: ``Renorm(rmax=1, dmax=0)`` would compute the same), then dmax rises
+    linearly from 0 to 5 by 25 % and rmax from 1 to 3 by 40 %, and both stay.
+    """
+    done = step / steps
+    if done <= RENORM_WARMUP:
+        return None
+
+    def ramp(end: float) -> float:
+        return min(1.0, (done - RENORM_WARMUP) / (end - RENORM_WARMUP))
+
+    return bn.Renorm(
+        rmax=1.0 + (RENORM_RMAX - 1.0) * ramp(RENORM_RMAX_AT),
+        dmax=RENORM_DMAX * ramp(RENORM_DMAX_AT),
+    )
+
+
 def sigmoid(z: np.ndarray) -> np.ndarray:
     """The logistic function, in its tanh form (no overflow for large ``|z|``)."""
     return 0.5 * (1.0 + np.tanh(0.5 * z))
@@ -274,8 +306,12 @@ def train(
     eval_every: int,
     seed: int,
     progress: tqdm,
+    renorm: bool = False,
 ) -> Run:
-    """SGD for `steps` steps, evaluating on the test set every `eval_every` steps."""
+    """SGD for `steps` steps, evaluating on the test set every `eval_every` steps.
+
+    With `renorm`, the batch-norm layers follow :func:`renorm_bounds`.
+    """
     model = MLP.create(batch_norm=batch_norm, rng=np.random.default_rng([seed, 0]))
     order = batches(len(data.x_train), batch_size, np.random.default_rng([seed, 1]))
     run = Run([], [], [], diverged=False, model=model)
@@ -294,6 +330,10 @@ def train(
     with np.errstate(over="ignore", invalid="ignore"):
         for step in range(1, steps + 1):
             idx = next(order)
+            if renorm:
+                bounds = renorm_bounds(step, steps)
+                for norm in model.norms:
+                    norm.renorm = bounds
             logits = model.forward(data.x_train[idx])
             loss, dlogits = softmax_cross_entropy(logits, data.y_train[idx])
             if not np.isfinite(loss):
@@ -382,17 +422,24 @@ def steps_to(target: float, runs: list[Run]) -> int | None:
     return int(runs[0].steps[reached[0]]) if reached.size else None
 
 
-def batch_size_sweep(data: Digits, budget: Budget, seed: int) -> tuple[list, list]:
-    """Same number of epochs for every batch size, learning rate scaled linearly."""
+def batch_size_sweep(
+    data: Digits, budget: Budget, seed: int
+) -> tuple[list, list, list]:
+    """Same number of epochs for every batch size, learning rate scaled linearly.
+
+    Rows with batch norm, with batch renormalization, and without either.
+    """
     n = len(data.x_train)
     steps_for = {b: budget.epochs * (n // b) for b in budget.batch_sizes}
-    total = 2 * budget.seeds * sum(steps_for.values())
-    rows: dict[bool, list[dict]] = {True: [], False: []}
+    norms = ("batch norm", "renorm", "none")
+    total = len(norms) * budget.seeds * sum(steps_for.values())
+    rows: dict[str, list[dict]] = {norm: [] for norm in norms}
     with _progress(total, "2/3 batch sizes") as progress:
         for batch_size in budget.batch_sizes:
             lr = budget.base_lr * batch_size / REFERENCE_BATCH
-            for batch_norm in (True, False):
-                progress.set_postfix(batch_size=batch_size, batch_norm=batch_norm)
+            for norm in norms:
+                batch_norm = norm != "none"
+                progress.set_postfix(batch_size=batch_size, norm=norm)
                 finals, finals_batch_stats = [], []
                 for s in range(budget.seeds):
                     run = train(
@@ -404,6 +451,7 @@ def batch_size_sweep(data: Digits, budget: Budget, seed: int) -> tuple[list, lis
                         eval_every=steps_for[batch_size],
                         seed=seed + s,
                         progress=progress,
+                        renorm=norm == "renorm",
                     )
                     finals.append(run.test_accuracy[-1])
                     finals_batch_stats.append(
@@ -422,8 +470,8 @@ def batch_size_sweep(data: Digits, budget: Budget, seed: int) -> tuple[list, lis
                     row["test_accuracy_batch_stats"] = float(
                         np.mean([a for a in finals_batch_stats if a is not None] or [0])
                     )
-                rows[batch_norm].append(row)
-    return rows[True], rows[False]
+                rows[norm].append(row)
+    return rows["batch norm"], rows["renorm"], rows["none"]
 
 
 def eval_modes(data: Digits, budget: Budget, seed: int) -> dict:
@@ -539,7 +587,7 @@ def plot_lr_sweep(curves: dict, budget: Budget, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_batch_sizes(with_bn: list, without: list, path: Path) -> None:
+def plot_batch_sizes(with_bn: list, renorm: list, without: list, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.8), layout="constrained")
     sizes = [r["batch_size"] for r in with_bn]
     for rows, key, style, color, label in (
@@ -550,6 +598,13 @@ def plot_batch_sizes(with_bn: list, without: list, path: Path) -> None:
             "s--",
             "tab:cyan",
             "batch norm (whole test set's statistics)",
+        ),
+        (
+            renorm,
+            "test_accuracy",
+            "^-",
+            "tab:orange",
+            "batch renorm (running averages)",
         ),
         (without, "test_accuracy", "o-", "tab:gray", "no batch norm"),
     ):
@@ -672,10 +727,12 @@ def print_tables(results: dict) -> None:
             str(a["steps"]),
             f"{a['test_accuracy']:.3f}",
             f"{a['test_accuracy_batch_stats']:.3f}",
+            f"{r['test_accuracy']:.3f}",
             f"{b['test_accuracy']:.3f}",
         ]
-        for a, b in zip(
+        for a, r, b in zip(
             results["batch_size_sweep"],
+            results["batch_size_sweep_renorm"],
             results["batch_size_sweep_no_batch_norm"],
             strict=True,
         )
@@ -687,6 +744,7 @@ def print_tables(results: dict) -> None:
             "steps",
             "BN, running averages",
             "BN, test set's statistics",
+            "renorm, running averages",
             "no BN",
         ],
         rows,
@@ -738,11 +796,14 @@ def main(argv: list[str] | None = None) -> dict:
     # The matrices are tiny (at most 128 x 100): BLAS threads cost more than they save.
     with threadpool_limits(limits=1):
         lr_rows, curves = lr_sweep(data, budget, args.seed)
-        bs_rows, bs_rows_plain = batch_size_sweep(data, budget, args.seed)
+        bs_rows, bs_rows_renorm, bs_rows_plain = batch_size_sweep(
+            data, budget, args.seed
+        )
         modes = eval_modes(data, budget, args.seed)
     results = {
         "lr_sweep": lr_rows,
         "batch_size_sweep": bs_rows,
+        "batch_size_sweep_renorm": bs_rows_renorm,
         "batch_size_sweep_no_batch_norm": bs_rows_plain,
         "eval_modes": modes,
         "config": {
@@ -751,6 +812,14 @@ def main(argv: list[str] | None = None) -> dict:
             "hidden": list(HIDDEN),
             "activation": "sigmoid",
             "reference_batch_size": REFERENCE_BATCH,
+            "momentum": MOMENTUM,
+            "renorm_schedule": {
+                "warmup": RENORM_WARMUP,
+                "rmax": RENORM_RMAX,
+                "rmax_at": RENORM_RMAX_AT,
+                "dmax": RENORM_DMAX,
+                "dmax_at": RENORM_DMAX_AT,
+            },
             "n_train": len(data.x_train),
             "n_test": len(data.x_test),
             **{k: v for k, v in budget.__dict__.items()},
@@ -762,7 +831,9 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     plot_lr_sweep(curves, budget, args.out / "lr_sweep.png")
-    plot_batch_sizes(bs_rows, bs_rows_plain, args.out / "batch_size_sweep.png")
+    plot_batch_sizes(
+        bs_rows, bs_rows_renorm, bs_rows_plain, args.out / "batch_size_sweep.png"
+    )
     plot_eval_modes(modes, args.out / "eval_modes.png")
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print_tables(results)

@@ -51,6 +51,8 @@ def _accuracies(results: dict) -> list[float]:
     return [
         *(row["test_accuracy"] for row in results["lr_sweep"]),
         *(row["test_accuracy"] for row in results["batch_size_sweep"]),
+        *(row["test_accuracy"] for row in results["batch_size_sweep_renorm"]),
+        *(row["test_accuracy"] for row in results["batch_size_sweep_no_batch_norm"]),
         modes["running_stats"],
         modes["batch_stats"],
         modes["single_sample_running_stats"],
@@ -67,6 +69,8 @@ def test_results_json_has_every_experiment(quick_run: tuple[dict, Path]) -> None
     assert sizes == sorted(sizes)
     assert min(sizes) <= 2
     assert max(sizes) >= 128
+    for key in ("batch_size_sweep_renorm", "batch_size_sweep_no_batch_norm"):
+        assert [row["batch_size"] for row in results[key]] == sizes
     assert set(results["eval_modes"]) >= {
         "running_stats",
         "batch_stats",
@@ -89,6 +93,19 @@ def test_batch_norm_network_beats_chance(quick_run: tuple[dict, Path]) -> None:
     best = max(row["test_accuracy"] for row in results["lr_sweep"] if row["batch_norm"])
     assert best > 0.5
     assert results["eval_modes"]["running_stats"] > 0.5
+
+
+def test_renorm_curve_is_sane(quick_run: tuple[dict, Path]) -> None:
+    # Renorm starts as plain batch norm and only then opens its bounds: at the
+    # batch sizes where batch norm trains well, so must renorm. Same learning
+    # rates and steps as the batch-norm rows.
+    results, _ = quick_run
+    with_bn = results["batch_size_sweep"]
+    renorm = results["batch_size_sweep_renorm"]
+    for a, r in zip(with_bn, renorm, strict=True):
+        assert (r["lr"], r["steps"]) == (a["lr"], a["steps"])
+        assert len(r["test_accuracy_per_seed"]) == results["config"]["seeds"]
+    assert max(r["test_accuracy"] for r in renorm) > 0.5
 
 
 def test_running_stats_do_not_depend_on_the_batch(quick_run: tuple[dict, Path]) -> None:
