@@ -315,8 +315,8 @@ def batch_norm_forward(
     key = None
     # A synchronizer is checked on every call; what is not an array has no
     # key, and the checks say which argument it is.
-    variant_asked = not (renorm is None and ghost_batch_size is None and mask is None)
-    if sync is None and not variant_asked:
+    # A mask's count of True values is checked on every call.
+    if sync is None and mask is None:
         try:
             key = (
                 _FORWARD,
@@ -329,6 +329,9 @@ def batch_norm_forward(
                 meta(bias),
                 meta(running_mean),
                 meta(running_var),
+                exact(renorm),
+                exact(ghost_batch_size),
+                exact(batch_axis),
             )
         except AttributeError:
             key = None
