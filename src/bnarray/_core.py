@@ -20,6 +20,7 @@ from ._validation import (
     check_eps,
     check_momentum,
     check_num_batches_tracked,
+    check_out,
     check_statistics_source,
     check_x,
     namespace_of,
@@ -190,6 +191,7 @@ def batch_norm_forward(
     ghost_batch_size: int | None = None,
     batch_axis: int = 0,
     mask: Array | None = None,
+    out: Array | None = None,
 ) -> tuple[Array, BatchNormContext]:
     r"""Normalize `x` per channel, then scale and shift.
 
@@ -252,11 +254,19 @@ def batch_norm_forward(
         axes ((B, T) for `x` of shape (B, T, C) and ``axis=-1``, as in
         Keras). Inference normalizes every position with the running
         statistics and only checks the mask's metadata.
+    out : array, optional
+        NumPy and CuPy only: an array that receives `y`, which is then `out`
+        itself. It must have the shape, dtype and device of `x`, be
+        C-contiguous and writeable, and share no memory with `x`, `weight`,
+        `bias`, the running statistics or `mask`. Writing into an array of
+        earlier calls spares the fresh memory a new `y` costs (see
+        :doc:`/behaviour`); the results are bitwise those without `out`.
+        Checked on every call, before anything is computed.
 
     Returns
     -------
     y : array
-        Same shape, dtype, namespace and device as `x`.
+        Same shape, dtype, namespace and device as `x`; `out` where given.
     ctx : BatchNormContext
         For :func:`batch_norm_backward` and :func:`update_running_stats`.
 
@@ -267,7 +277,8 @@ def batch_norm_forward(
         libraries; a `training` that is not a bool; a `sync` without the
         synchronizer's methods; a `renorm` that is not a :class:`Renorm`; a
         non-integer `ghost_batch_size` or `batch_axis`; a `mask` that is not
-        a bool array.
+        a bool array; an `out` with an `x` of another library than NumPy and
+        CuPy, or not an array of `x`'s library and dtype.
     ValueError
         A bad `axis`, `eps` or parameter shape; an `x` of unknown shape (Dask
         after boolean indexing); arrays on different devices;
@@ -279,7 +290,9 @@ def batch_norm_forward(
         `renorm`, or given in training without it; a `ghost_batch_size`
         below 1; a `batch_axis` that is a channel axis; a `mask` of the
         wrong shape; two of `renorm`, `ghost_batch_size` and `mask`, or one
-        of them with `sync`, in training.
+        of them with `sync`, in training; an `out` of another shape or
+        device than `x`, not C-contiguous, read-only, or overlapping an
+        input.
     RuntimeError
         A collective of `sync` that returned an array of the wrong shape
         (processes whose `x` differ in channel shape), or the engine's own
@@ -305,6 +318,10 @@ def batch_norm_forward(
            [ 1.,  1.]])
     >>> ctx.mean, ctx.var
     (array([ 2., 20.]), array([  1., 100.]))
+    >>> buffer = np.empty_like(x)
+    >>> y, ctx = bn.batch_norm_forward(x, eps=0.0, out=buffer)
+    >>> y is buffer
+    True
     """
     key = None
     # A synchronizer is checked on every call; what is not an array has no
@@ -323,6 +340,7 @@ def batch_norm_forward(
                 meta(bias),
                 meta(running_mean),
                 meta(running_var),
+                meta(out),
             )
     call = PLANS.get(key)
     if call is None:
@@ -344,6 +362,16 @@ def batch_norm_forward(
         PLANS.put(key, call)
     elif not call.one_device:
         _same_device(x, weight, bias, running_mean, running_var, None)
+    if out is not None:
+        inputs = {
+            "x": x,
+            "weight": weight,
+            "bias": bias,
+            "running_mean": running_mean,
+            "running_var": running_var,
+            "mask": mask,
+        }
+        check_out(out, x, inputs)
     if call.variant is not None:
         y, fields = _variants.forward(
             call.variant,
@@ -360,10 +388,10 @@ def batch_norm_forward(
             running_var=running_var,
             xp=call.api,
         )
-        return y, BatchNormContext(
+        return _math.into(out, y), BatchNormContext(
             x=x, weight=weight, axis=call.kept, training=True, eps=call.eps, **fields
         )
-    return _forward(call, x, weight, bias, running_mean, running_var, axis, sync)
+    return _forward(call, x, weight, bias, running_mean, running_var, axis, sync, out)
 
 
 @dataclass(frozen=True)
@@ -490,6 +518,7 @@ def _forward(
     running_var: Array | None,
     axis: object,
     sync: Synchronizer | None,
+    out: Array | None,
 ) -> tuple[Array, BatchNormContext]:
     xp, kernels, shape, dtype = call.xp, call.kernels, call.shape, call.dtype
     xs = np.ascontiguousarray(x) if call.contiguous else x
@@ -506,7 +535,7 @@ def _forward(
     gamma = _as_stat(weight, shape, dtype, xp)
     invstd, scale = kernels.forward_scales(var, gamma, call.eps, xp=xp)
     beta = _as_stat(bias, shape, dtype, xp)
-    y = kernels.normalize(xs, mean, scale, beta, xp=xp)
+    y = kernels.normalize(xs, mean, scale, beta, xp=xp, out=out)
     channel_shape = call.channel_shape
     ctx = BatchNormContext(
         x=x,
@@ -533,7 +562,9 @@ def _check_ctx(ctx: object) -> BatchNormContext:
     return ctx
 
 
-def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array, Array]:
+def batch_norm_backward(
+    dy: Array, ctx: BatchNormContext, *, out: Array | None = None
+) -> tuple[Array, Array, Array]:
     r"""Gradients of a loss with respect to `x`, γ and β, given its gradient `dy`.
 
     In training mode (batch statistics, which depend on `x`), with
@@ -564,11 +595,17 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
         shape, dtype, namespace and device as the forward `x`.
     ctx : BatchNormContext
         The context returned by :func:`batch_norm_forward`.
+    out : array, optional
+        NumPy and CuPy only: an array that receives `dx`, which is then `out`
+        itself. It must have the shape, dtype and device of `dy`, be
+        C-contiguous and writeable, and share no memory with `dy` or the
+        arrays of `ctx` (its `x` among them). Checked on every call, before
+        anything is computed.
 
     Returns
     -------
     dx : array
-        Like `x`.
+        Like `x`; `out` where given.
     dweight, dbias : array
         With the shape of the kept axes, in the weight's dtype (the compute
         dtype when the forward had no weight). Returned also without affine
@@ -579,9 +616,12 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
     ------
     TypeError
         `ctx` is not a BatchNormContext; `dy` is not an array of `x`'s library
-        and dtype.
+        and dtype; an `out` with arrays of another library than NumPy and
+        CuPy, or not an array of `dy`'s library and dtype.
     ValueError
-        `dy` has another shape or device than `x`.
+        `dy` has another shape or device than `x`; an `out` of another shape
+        or device than `dy`, not C-contiguous, read-only, or overlapping
+        `dy` or an array of `ctx`.
     RuntimeError
         From the collective of a synchronized context (see
         :func:`batch_norm_forward`).
@@ -613,6 +653,7 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
                 ctx.training,
                 meta(ctx.weight),
                 meta(ctx.mean),
+                meta(out),
             )
     call = PLANS.get(key)
     if call is None:
@@ -620,8 +661,18 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
         PLANS.put(key, call)
     elif not call.one_device:
         namespace_of({"dy": dy, "x": x})
+    if out is not None:
+        inputs = {
+            "dy": dy,
+            "ctx.x": x,
+            "ctx.weight": ctx.weight,
+            "ctx.mean": ctx.mean,
+            "ctx.invstd": ctx.invstd,
+        }
+        check_out(out, dy, inputs, name="dy")
     if variant is not None:
-        return _variants.backward(dy, ctx, xp=call.api)
+        dx, dweight, dbias = _variants.backward(dy, ctx, xp=call.api)
+        return _math.into(out, dx), dweight, dbias
     xp, kernels, shape, dtype = call.xp, call.kernels, call.shape, call.dtype
     if call.contiguous:
         x, dy = np.ascontiguousarray(x), np.ascontiguousarray(dy)
@@ -641,7 +692,7 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
         dweight, dy_scale, xc_scale, shift = kernels.backward_scales(
             sum_dy, sum_dy_xc, invstd, gamma, ctx.count, training=ctx.training, xp=xp
         )
-    dx = kernels.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp)
+    dx = kernels.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp, out=out)
     channel_shape, param_dtype = call.channel_shape, call.param_dtype
     return (
         dx,

@@ -541,12 +541,19 @@ def batch_stats(
 
 
 def normalize(
-    x: Array, mean: Array, scale: Array, shift: Array | None, *, xp: Namespace
+    x: Array,
+    mean: Array,
+    scale: Array,
+    shift: Array | None,
+    *,
+    xp: Namespace,
+    out: Array | None = None,
 ) -> Array:
     """``(x - mean) * scale + shift``: see :func:`bnarray._math.normalize`."""
     x3 = _cpu.view3(x, tuple(mean.shape))
     dtype = np.dtype(mean.dtype)
-    y = np.empty(x.shape, dtype=x.dtype)  # C-contiguous, as the loops write it
+    # C-contiguous, as the loops write it (and so is `out`)
+    y = np.empty(x.shape, dtype=x.dtype) if out is None else out
     xs, r, loop = _layout(x3, _normalize_blocks, _normalize_rows)
     stretch = _map_stretch(x.dtype)
     values = [
@@ -584,6 +591,7 @@ def grad_input(
     shift: Array | None,
     *,
     xp: Namespace,
+    out: Array | None = None,
 ) -> Array:
     """``dy * dy_scale + (x - mean) * xc_scale + shift``: see
     :func:`bnarray._math.grad_input`."""
@@ -595,7 +603,8 @@ def grad_input(
         zero = np.zeros(c, dtype=dtype)
         xc_scale = zero if xc_scale is None else xc_scale
         shift = zero if shift is None else shift
-    dx = np.empty(x.shape, dtype=x.dtype)  # C-contiguous, as the loops write it
+    # C-contiguous, as the loops write it (and so is `out`)
+    dx = np.empty(x.shape, dtype=x.dtype) if out is None else out
     xs, r, loop = _layout(x3, _grad_input_blocks, _grad_input_rows)
     dyb, xb, dxb = (_bits(a.reshape(xs.shape)) for a in (dy3, x3, dx))
     stretch = _map_stretch(x.dtype)

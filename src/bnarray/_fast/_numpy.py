@@ -197,7 +197,13 @@ def batch_stats(
 
 
 def normalize(
-    x: Array, mean: Array, scale: Array, shift: Array | None, *, xp: Namespace
+    x: Array,
+    mean: Array,
+    scale: Array,
+    shift: Array | None,
+    *,
+    xp: Namespace,
+    out: Array | None = None,
 ) -> Array:
     """``(x - mean) * scale + shift``: see :func:`bnarray._math.normalize`."""
     x3 = _cpu.view3(x, tuple(mean.shape))
@@ -205,7 +211,8 @@ def normalize(
     mean3 = _operand(mean, x3.shape, dtype)
     scale3 = _operand(scale, x3.shape, dtype)
     shift3 = None if shift is None else _operand(shift, x3.shape, dtype)
-    y = np.empty(x.shape, dtype=x.dtype)  # C-contiguous, whatever the layout of x
+    # C-contiguous, whatever the layout of x (and so is `out`)
+    y = np.empty(x.shape, dtype=x.dtype) if out is None else out
     y3 = y.reshape(x3.shape)
     direct = x.dtype == dtype  # else compute in a float32 scratch block
 
@@ -270,6 +277,7 @@ def grad_input(
     shift: Array | None,
     *,
     xp: Namespace,
+    out: Array | None = None,
 ) -> Array:
     """``dy * dy_scale + (x - mean) * xc_scale + shift``: see
     :func:`bnarray._math.grad_input`."""
@@ -280,7 +288,8 @@ def grad_input(
     dy_scale3 = _operand(dy_scale, x3.shape, dtype)
     xc_scale3 = None if xc_scale is None else _operand(xc_scale, x3.shape, dtype)
     shift3 = None if shift is None else _operand(shift, x3.shape, dtype)
-    dx = np.empty(x.shape, dtype=x.dtype)  # C-contiguous, whatever the layout of x
+    # C-contiguous, whatever the layout of x (and so is `out`)
+    dx = np.empty(x.shape, dtype=x.dtype) if out is None else out
     dx3 = dx.reshape(x3.shape)
     direct = x.dtype == dtype
 
