@@ -13,7 +13,9 @@ it times, as the median over repeated runs after a warm-up:
 - ``infer``: inference forward with running statistics;
 
 for bnarray's NumPy fast path (``bnarray``: the Numba loops where Numba is
-installed), the same without Numba (``numpy``, with ``BNARRAY_NUMBA=0``; only
+installed), the same writing into arrays of earlier calls (``out``: the
+``out=`` of forward and backward; its best round is reported too, since fresh
+pages are what makes rounds differ), the same without Numba (``numpy``, with ``BNARRAY_NUMBA=0``; only
 timed when Numba is installed), bnarray's generic array-API path (``generic``,
 with ``BNARRAY_GENERIC=1``) and PyTorch's ``F.batch_norm`` with autograd
 (``torch``, with as many threads as bnarray uses; channels-last tensors for
@@ -136,9 +138,13 @@ def extra_memory(fn: Callable[[], Any]) -> int:
 
 
 def numpy_case(
-    x: np.ndarray, dy: np.ndarray, axis: int
+    x: np.ndarray, dy: np.ndarray, axis: int, *, buffers: bool = False
 ) -> dict[str, Callable[[], Any]]:
-    """The four operations on bnarray's public API, returning their full-size outputs."""
+    """The four operations on bnarray's public API, returning their full-size
+    outputs: new arrays, or with `buffers` the same two arrays every call
+    (``out=``)."""
+    y_out = np.empty_like(x, order="C") if buffers else None
+    dx_out = np.empty_like(x, order="C") if buffers else None
     c = x.shape[axis]
     rng = np.random.default_rng(1)
     w = rng.uniform(0.5, 1.5, c).astype(np.float32)
@@ -147,23 +153,30 @@ def numpy_case(
     _, ctx = bn.batch_norm_forward(x, w, b, axis=axis)
 
     def fwd() -> tuple[Any, ...]:
-        y, ctx = bn.batch_norm_forward(x, w, b, axis=axis)
+        y, ctx = bn.batch_norm_forward(x, w, b, axis=axis, out=y_out)
         bn.update_running_stats(rm, rv, ctx)
         return (y,)
 
     def bwd() -> tuple[Any, ...]:
-        dx, _, _ = bn.batch_norm_backward(dy, ctx)
+        dx, _, _ = bn.batch_norm_backward(dy, ctx, out=dx_out)
         return (dx,)
 
     def fwd_bwd() -> tuple[Any, ...]:
-        y, ctx = bn.batch_norm_forward(x, w, b, axis=axis)
+        y, ctx = bn.batch_norm_forward(x, w, b, axis=axis, out=y_out)
         bn.update_running_stats(rm, rv, ctx)
-        dx, _, _ = bn.batch_norm_backward(dy, ctx)
+        dx, _, _ = bn.batch_norm_backward(dy, ctx, out=dx_out)
         return (y, dx)
 
     def infer() -> tuple[Any, ...]:
         y, _ = bn.batch_norm_forward(
-            x, w, b, axis=axis, training=False, running_mean=rm, running_var=rv
+            x,
+            w,
+            b,
+            axis=axis,
+            training=False,
+            running_mean=rm,
+            running_var=rv,
+            out=y_out,
         )
         return (y,)
 
@@ -382,6 +395,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if torch is not None:
         torch.set_num_threads(threads)
     shapes = [] if args.mask else QUICK_SHAPES if args.quick else SHAPES
+    if args.shape and not args.mask:
+        shapes = [tuple(int(n) for n in args.shape.split(","))]
     dtypes = ["float32"] if args.quick else DTYPES
     repeat = args.repeat or (3 if args.quick else 7)
     load_before = os.getloadavg()[0]
@@ -402,7 +417,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 x = (rng.standard_normal(shape, dtype=np.float32) * 2 + 3).astype(dtype)
                 dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
                 fns = numpy_case(x, dy, axis)
-                cases = {"bnarray": fns}
+                cases = {"bnarray": fns, "out": numpy_case(x, dy, axis, buffers=True)}
                 if numba:
                     cases["numpy"] = {k: numpy_only(f) for k, f in fns.items()}
                 if not args.no_generic:
@@ -428,6 +443,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         # medians.
                         best = min(t) if impl == "floor" else statistics.median(t)
                         row[f"{impl}_ms"] = 1e3 * best
+                        row[f"{impl}_best_ms"] = 1e3 * min(t)
                     for impl in ("bnarray", "numpy", "generic"):
                         if impl in ops:
                             row[f"{impl}_extra_mb"] = extra_memory(ops[impl]) / 1e6
@@ -462,6 +478,7 @@ COLUMNS = (
     f"{'numpy ms':>10}{'x torch':>8}"
     f"{'generic ms':>11}{'x torch':>8}{'extra MB':>9}{'roof ms':>8}"
     f"{'floor ms':>9}{'x torch':>8}"
+    f"{'out ms':>8}{'x torch':>8}{'best':>7}{'med/best':>9}"
 )
 
 
@@ -490,7 +507,9 @@ def print_row(row: dict[str, Any], *, header: bool) -> None:
         f"{fmt(row.get('generic_ms'), '.2f'):>11}"
         f"{fmt(ratio(row, 'generic') if 'generic_ms' in row else None, '.2f'):>8}"
         f"{fmt(row.get('generic_extra_mb'), '.1f'):>9}{row['roof_ms']:>8.2f}"
-        f"{row['floor_ms']:>9.2f}{fmt(ratio(row, 'floor'), '.2f'):>8}",
+        f"{row['floor_ms']:>9.2f}{fmt(ratio(row, 'floor'), '.2f'):>8}"
+        f"{row['out_ms']:>8.2f}{fmt(ratio(row, 'out'), '.2f'):>8}"
+        f"{row['out_best_ms']:>7.2f}{row['out_ms'] / row['out_best_ms']:>9.2f}",
         flush=True,
     )
 
@@ -561,6 +580,9 @@ def main(argv: list[str] | None = None) -> None:
         "--quick", action="store_true", help="one shape, float32, 3 repeats"
     )
     parser.add_argument("--repeat", type=int, default=0, help="timed runs per case")
+    parser.add_argument(
+        "--shape", help="one NCHW shape instead of the list, e.g. 64,128,56,56"
+    )
     parser.add_argument(
         "--no-generic",
         action="store_true",

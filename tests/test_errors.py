@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -220,6 +221,75 @@ class TestBackward:
         _, ctx = bn.batch_norm_forward(x)
         with raises(TypeError, "`dy`", "list"):
             bn.batch_norm_backward([[1.0] * 3] * 4, ctx)
+
+
+def _readonly(a):
+    a.flags.writeable = False
+    return a
+
+
+class TestOut:
+    """`out` of the forward and backward passes (NumPy and CuPy only)."""
+
+    BAD: ClassVar = [
+        (lambda: np.zeros((4, 3), np.float32), TypeError, ["`out`", "float32"]),
+        (lambda: np.zeros((3, 4)), ValueError, ["`out`", "(4, 3)", "(3, 4)"]),
+        (lambda: np.zeros((4, 3), order="F"), ValueError, ["`out`", "C-contiguous"]),
+        (lambda: np.zeros((4, 6))[:, ::2], ValueError, ["`out`", "(48, 16)"]),
+        (lambda: _readonly(np.zeros((4, 3))), ValueError, ["`out`", "writeable"]),
+        (lambda: [[0.0] * 3] * 4, TypeError, ["`out`", "list"]),
+    ]
+
+    @pytest.fixture
+    def xn(self):
+        return np.random.default_rng(0).normal(size=(4, 3))
+
+    @pytest.mark.parametrize(("make", "exc", "fragments"), BAD)
+    def test_forward(self, xn, make, exc, fragments):
+        with raises(exc, *fragments):
+            bn.batch_norm_forward(xn, out=make())
+
+    @pytest.mark.parametrize(("make", "exc", "fragments"), BAD)
+    def test_backward(self, xn, make, exc, fragments):
+        y, ctx = bn.batch_norm_forward(xn)
+        with raises(exc, *fragments):
+            bn.batch_norm_backward(y, ctx, out=make())
+
+    def test_forward_overlap(self, xn):
+        with raises(ValueError, "`out`", "overlaps", "`x`"):
+            bn.batch_norm_forward(xn, out=xn)
+        out = xn.copy()
+        with raises(ValueError, "`out`", "overlaps", "`bias`"):
+            bn.batch_norm_forward(xn, None, out[0], out=out)
+
+    def test_backward_overlap(self, xn):
+        y, ctx = bn.batch_norm_forward(xn)
+        with raises(ValueError, "`out`", "overlaps", "`dy`"):
+            bn.batch_norm_backward(y, ctx, out=y)
+        with raises(ValueError, "`out`", "overlaps", "`ctx.x`"):
+            bn.batch_norm_backward(y, ctx, out=xn)
+
+    def test_out_of_another_library(self, xn):
+        torch = pytest.importorskip("torch")
+        with raises(TypeError, "`out`", "numpy array", "Tensor"):
+            bn.batch_norm_forward(xn, out=torch.zeros(4, 3, dtype=torch.float64))
+
+    def test_libraries_without_out(self, backend, x):
+        if backend.backend.family in ("numpy", "numpy_readonly"):
+            pytest.skip("NumPy arrays take `out`")
+        library = "jax" if backend.backend.family == "jax" else backend.backend.family
+        with raises(TypeError, "`out`", "NumPy and CuPy", library):
+            bn.batch_norm_forward(x, out=backend.asarray(np.zeros((4, 3))))
+        y, ctx = bn.batch_norm_forward(x)
+        with raises(TypeError, "`out`", "NumPy and CuPy", library):
+            bn.batch_norm_backward(y, ctx, out=backend.asarray(np.zeros((4, 3))))
+
+    def test_layer_reuse_buffers(self):
+        with raises(TypeError, "`reuse_buffers`", "1"):
+            bn.BatchNorm(3, reuse_buffers=1)
+        xps = pytest.importorskip("array_api_strict")
+        with raises(TypeError, "`reuse_buffers`", "NumPy or CuPy", "array_api_strict"):
+            bn.BatchNorm(3, xp=xps, reuse_buffers=True)
 
 
 class TestUpdateRunningStats:

@@ -20,6 +20,7 @@ from ._validation import (
     check_eps,
     check_momentum,
     check_num_batches_tracked,
+    check_out,
     check_statistics_source,
     check_x,
     namespace_of,
@@ -196,6 +197,7 @@ def batch_norm_forward(
     ghost_batch_size: int | None = None,
     batch_axis: int = 0,
     mask: Array | None = None,
+    out: Array | None = None,
 ) -> tuple[Array, BatchNormContext]:
     r"""Normalize `x` per channel, then scale and shift.
 
@@ -258,11 +260,19 @@ def batch_norm_forward(
         axes ((B, T) for `x` of shape (B, T, C) and ``axis=-1``, as in
         Keras). Inference normalizes every position with the running
         statistics and only checks the mask's metadata.
+    out : array, optional
+        NumPy and CuPy only: an array that receives `y`, which is then `out`
+        itself. It must have the shape, dtype and device of `x`, be
+        C-contiguous and writeable, and share no memory with `x`, `weight`,
+        `bias`, the running statistics or `mask`. Writing into an array of
+        earlier calls spares the fresh memory a new `y` costs (see
+        :doc:`/behaviour`); the results are bitwise those without `out`.
+        Checked on every call, before anything is computed.
 
     Returns
     -------
     y : array
-        Same shape, dtype, namespace and device as `x`.
+        Same shape, dtype, namespace and device as `x`; `out` where given.
     ctx : BatchNormContext
         For :func:`batch_norm_backward` and :func:`update_running_stats`.
 
@@ -273,7 +283,8 @@ def batch_norm_forward(
         libraries; a `training` that is not a bool; a `sync` without the
         synchronizer's methods; a `renorm` that is not a :class:`Renorm`; a
         non-integer `ghost_batch_size` or `batch_axis`; a `mask` that is not
-        a bool array.
+        a bool array; an `out` with an `x` of another library than NumPy and
+        CuPy, or not an array of `x`'s library and dtype.
     ValueError
         A bad `axis`, `eps` or parameter shape; an `x` of unknown shape (Dask
         after boolean indexing); arrays on different devices;
@@ -285,7 +296,9 @@ def batch_norm_forward(
         `renorm`, or given in training without it; a `ghost_batch_size`
         below 1; a `batch_axis` that is a channel axis; a `mask` of the
         wrong shape; two of `renorm`, `ghost_batch_size` and `mask`, or one
-        of them with `sync`, in training.
+        of them with `sync`, in training; an `out` of another shape or
+        device than `x`, not C-contiguous, read-only, or overlapping an
+        input.
     RuntimeError
         A collective of `sync` that returned an array of the wrong shape
         (processes whose `x` differ in channel shape), or the engine's own
@@ -311,6 +324,10 @@ def batch_norm_forward(
            [ 1.,  1.]])
     >>> ctx.mean, ctx.var
     (array([ 2., 20.]), array([  1., 100.]))
+    >>> buffer = np.empty_like(x)
+    >>> y, ctx = bn.batch_norm_forward(x, eps=0.0, out=buffer)
+    >>> y is buffer
+    True
     """
     key = None
     # A synchronizer is checked on every call; what is not an array has no
@@ -332,6 +349,7 @@ def batch_norm_forward(
                 exact(renorm),
                 exact(ghost_batch_size),
                 exact(batch_axis),
+                meta(out),
             )
         except AttributeError:
             key = None
@@ -355,6 +373,16 @@ def batch_norm_forward(
         PLANS.put(key, call)
     elif not call.one_device:
         _same_device(x, weight, bias, running_mean, running_var, None)
+    if out is not None:
+        inputs = {
+            "x": x,
+            "weight": weight,
+            "bias": bias,
+            "running_mean": running_mean,
+            "running_var": running_var,
+            "mask": mask,
+        }
+        check_out(out, x, inputs)
     if call.variant is not None:
         y, fields = _variants.forward(
             call.variant,
@@ -371,10 +399,10 @@ def batch_norm_forward(
             running_var=running_var,
             xp=call.api,
         )
-        return y, BatchNormContext(
+        return _math.into(out, y), BatchNormContext(
             x=x, weight=weight, axis=call.kept, training=True, eps=call.eps, **fields
         )
-    return _forward(call, x, weight, bias, running_mean, running_var, axis, sync)
+    return _forward(call, x, weight, bias, running_mean, running_var, axis, sync, out)
 
 
 @dataclass(frozen=True)
@@ -503,6 +531,7 @@ def _forward(
     running_var: Array | None,
     axis: object,
     sync: Synchronizer | None,
+    out: Array | None,
 ) -> tuple[Array, BatchNormContext]:
     xp, kernels, shape, dtype = call.xp, call.kernels, call.shape, call.dtype
     xs = np.ascontiguousarray(x) if call.contiguous else x
@@ -514,6 +543,7 @@ def _forward(
             _as_stat(weight, shape, dtype, xp),
             _as_stat(bias, shape, dtype, xp),
             call.eps,
+            out=out,
         )
         return y, _context(call, x, weight, mean, var, invstd, count, None)
     if call.training and sync is not None:
@@ -528,7 +558,7 @@ def _forward(
     gamma = _as_stat(weight, shape, dtype, xp)
     invstd, scale = kernels.forward_scales(var, gamma, call.eps, xp=xp)
     beta = _as_stat(bias, shape, dtype, xp)
-    y = kernels.normalize(xs, mean, scale, beta, xp=xp)
+    y = kernels.normalize(xs, mean, scale, beta, xp=xp, out=out)
     return y, _context(call, x, weight, mean, var, invstd, count, sync)
 
 
@@ -567,7 +597,9 @@ def _check_ctx(ctx: object) -> BatchNormContext:
     return ctx
 
 
-def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array, Array]:
+def batch_norm_backward(
+    dy: Array, ctx: BatchNormContext, *, out: Array | None = None
+) -> tuple[Array, Array, Array]:
     r"""Gradients of a loss with respect to `x`, γ and β, given its gradient `dy`.
 
     In training mode (batch statistics, which depend on `x`), with
@@ -598,11 +630,17 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
         shape, dtype, namespace and device as the forward `x`.
     ctx : BatchNormContext
         The context returned by :func:`batch_norm_forward`.
+    out : array, optional
+        NumPy and CuPy only: an array that receives `dx`, which is then `out`
+        itself. It must have the shape, dtype and device of `dy`, be
+        C-contiguous and writeable, and share no memory with `dy` or the
+        arrays of `ctx` (its `x` among them). Checked on every call, before
+        anything is computed.
 
     Returns
     -------
     dx : array
-        Like `x`.
+        Like `x`; `out` where given.
     dweight, dbias : array
         With the shape of the kept axes, in the weight's dtype (the compute
         dtype when the forward had no weight). Returned also without affine
@@ -613,9 +651,12 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
     ------
     TypeError
         `ctx` is not a BatchNormContext; `dy` is not an array of `x`'s library
-        and dtype.
+        and dtype; an `out` with arrays of another library than NumPy and
+        CuPy, or not an array of `dy`'s library and dtype.
     ValueError
-        `dy` has another shape or device than `x`.
+        `dy` has another shape or device than `x`; an `out` of another shape
+        or device than `dy`, not C-contiguous, read-only, or overlapping
+        `dy` or an array of `ctx`.
     RuntimeError
         From the collective of a synchronized context (see
         :func:`batch_norm_forward`).
@@ -647,6 +688,7 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
                 ctx.training,
                 meta(ctx.weight),
                 meta(ctx.mean),
+                meta(out),
             )
         except AttributeError:
             key = None
@@ -656,8 +698,18 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
         PLANS.put(key, call)
     elif not call.one_device:
         namespace_of({"dy": dy, "x": x})
+    if out is not None:
+        inputs = {
+            "dy": dy,
+            "ctx.x": x,
+            "ctx.weight": ctx.weight,
+            "ctx.mean": ctx.mean,
+            "ctx.invstd": ctx.invstd,
+        }
+        check_out(out, dy, inputs, name="dy")
     if variant is not None:
-        return _variants.backward(dy, ctx, xp=call.api)
+        dx, dweight, dbias = _variants.backward(dy, ctx, xp=call.api)
+        return _math.into(out, dx), dweight, dbias
     xp, kernels, shape, dtype = call.xp, call.kernels, call.shape, call.dtype
     if call.contiguous:
         x, dy = np.ascontiguousarray(x), np.ascontiguousarray(dy)
@@ -669,7 +721,7 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
     channel_shape, param_dtype = call.channel_shape, call.param_dtype
     if call.fused is not None and ctx.sync is None:
         dx, dweight, sum_dy = call.fused.small_backward(
-            dy, x, mean, invstd, gamma, ctx.count
+            dy, x, mean, invstd, gamma, ctx.count, out=out
         )
         return (
             dx,
@@ -687,7 +739,7 @@ def batch_norm_backward(dy: Array, ctx: BatchNormContext) -> tuple[Array, Array,
         dweight, dy_scale, xc_scale, shift = kernels.backward_scales(
             sum_dy, sum_dy_xc, invstd, gamma, ctx.count, training=ctx.training, xp=xp
         )
-    dx = kernels.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp)
+    dx = kernels.grad_input(dy, x, mean, dy_scale, xc_scale, shift, xp=xp, out=out)
     return (
         dx,
         _as_stat(dweight, channel_shape, param_dtype, xp),

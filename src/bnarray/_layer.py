@@ -17,6 +17,8 @@ from ._compat import (
     device,
     is_array_api_obj,
     is_cupy_array,
+    is_cupy_namespace,
+    is_numpy_namespace,
     is_torch_array,
 )
 from ._core import (
@@ -37,6 +39,8 @@ from ._validation import (
     library_name,
     namespace_of,
     normalize_axis,
+    overlapping,
+    writes_out,
 )
 from ._variants import Renorm
 from .sync import Synchronizer
@@ -195,6 +199,17 @@ class BatchNorm:
         are updated once per call with the whole batch's.
     batch_axis : int, default 0
         The axis `ghost_batch_size` splits.
+    reuse_buffers : bool, default False
+        NumPy and CuPy layers only: keep the array each call returns and
+        write the next call's output into it (the `out` of
+        :func:`batch_norm_forward`), and the same for :meth:`backward`, which
+        spares large arrays the cost of fresh memory (see :doc:`/behaviour`).
+        The values are bitwise those without it. **The output of a call is
+        overwritten by the next call** (and the gradient by the next
+        :meth:`backward`): copy it to keep it. A call whose input has
+        another shape or dtype than the kept array, or shares memory with it
+        (the layer's own previous output passed back in, say), gets a new
+        one, which is then kept.
 
     Attributes
     ----------
@@ -215,7 +230,8 @@ class BatchNorm:
     TypeError
         A `num_features`, `axis`, `eps`, `momentum` or flag of the wrong type;
         an `xp` that is not an array library; a `dtype` that is not a real
-        floating dtype of `xp`; a `sync` that is not a synchronizer.
+        floating dtype of `xp`; a `sync` that is not a synchronizer;
+        `reuse_buffers` for a layer of another library than NumPy and CuPy.
     ValueError
         A `num_features` that is not positive or does not give one size per
         channel axis; `eps` or `momentum` out of range; `renorm` without
@@ -236,8 +252,11 @@ class BatchNorm:
     its arrays are where the library unpickles them (JAX: on its default
     device). Nor does it keep `sync`, which belongs to the running processes:
     set ``layer.sync`` again after unpickling. Copies share `sync`. Copies and
-    pickles keep `unbiased` and whether the layer is :attr:`frozen`; state
-    dicts hold arrays only, neither of them.
+    pickles keep `unbiased`, `reuse_buffers` and whether the layer is
+    :attr:`frozen`; state dicts hold arrays only, none of them. With
+    `reuse_buffers`, neither copies nor pickles carry the kept output arrays:
+    a copy makes its own on its first calls, so that two layers never write
+    into one array.
 
     Examples
     --------
@@ -277,6 +296,7 @@ class BatchNorm:
         renorm: Renorm | None = None,
         ghost_batch_size: int | None = None,
         batch_axis: int = 0,
+        reuse_buffers: bool = False,
     ) -> None:
         self.channel_shape = _channel_shape(num_features, axis)
         self.axis = axis
@@ -310,6 +330,16 @@ class BatchNorm:
 
             xp = numpy
         self._xp: Namespace = _namespace(xp)
+        self.reuse_buffers = check_bool(reuse_buffers, "reuse_buffers")
+        if self.reuse_buffers and not (
+            is_numpy_namespace(self._xp) or is_cupy_namespace(self._xp)
+        ):
+            library = getattr(xp, "__name__", repr(xp))
+            msg = (
+                "`reuse_buffers` needs a NumPy or CuPy layer (their arrays can be "
+                f"written into); got xp={library}: pass reuse_buffers=False"
+            )
+            raise TypeError(msg)
         if dtype is None:
             dtype = self._xp.zeros(0, device=device).dtype
         elif not _is_real_floating(dtype, self._xp):
@@ -333,6 +363,9 @@ class BatchNorm:
         self.grad_weight: Array | None = None
         self.grad_bias: Array | None = None
         self._ctx: BatchNormContext | None = None
+        # With `reuse_buffers`, the outputs of the last call and backward.
+        self._y_buffer: Array | None = None
+        self._dx_buffer: Array | None = None
 
     def __repr__(self) -> str:
         features = (
@@ -353,6 +386,7 @@ class BatchNorm:
                 else f", ghost_batch_size={self.ghost_batch_size}, "
                 f"batch_axis={self.batch_axis!r}"
             )
+            + (", reuse_buffers=True" if self.reuse_buffers else "")
             + ")"
         )
 
@@ -361,6 +395,7 @@ class BatchNorm:
         state["_xp"] = self._xp.__name__  # modules cannot be pickled
         state["_ctx"] = None  # it holds the last input: no place in a checkpoint
         state["sync"] = None  # a process group or communicator: of this run only
+        state.update(_UNSHARED)  # the last outputs: the caller's to keep, or not
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -372,6 +407,8 @@ class BatchNorm:
                 "unbiased": True,
                 "_frozen": False,
                 "sync": None,
+                "reuse_buffers": False,
+                **_UNSHARED,
                 **defaults,
                 **state,
                 "_xp": importlib.import_module(state["_xp"]),
@@ -381,6 +418,7 @@ class BatchNorm:
     def __copy__(self) -> BatchNorm:
         clone = type(self).__new__(type(self))
         clone.__dict__.update(self.__dict__)
+        clone.__dict__.update(_UNSHARED)  # two layers never write into one array
         return clone
 
     def __deepcopy__(self, memo: dict[int, Any]) -> BatchNorm:
@@ -390,6 +428,7 @@ class BatchNorm:
             # A module; a read-only record; a process group or communicator.
             shared = name in ("_xp", "_ctx", "sync")
             setattr(clone, name, value if shared else copy.deepcopy(value, memo))
+        clone.__dict__.update(_UNSHARED)
         return clone
 
     def train(self, mode: bool = True) -> BatchNorm:
@@ -478,6 +517,19 @@ class BatchNorm:
         sync = self.sync if updating else None
         if sync is not None:
             self._check_input(x)  # before the collective, not after it
+        running_mean = self.running_mean if pass_running else None
+        running_var = self.running_var if pass_running else None
+        out = None
+        if self.reuse_buffers:
+            inputs = {
+                "x": x,
+                "weight": self.weight,
+                "bias": self.bias,
+                "running_mean": running_mean,
+                "running_var": running_var,
+                "mask": mask,
+            }
+            out = _buffer(self._y_buffer, x, inputs)
         try:
             y, ctx = batch_norm_forward(
                 x,
@@ -486,13 +538,14 @@ class BatchNorm:
                 axis=self.axis,
                 eps=self.eps,
                 training=use_batch_stats,
-                running_mean=self.running_mean if pass_running else None,
-                running_var=self.running_var if pass_running else None,
+                running_mean=running_mean,
+                running_var=running_var,
                 sync=sync,
                 renorm=self.renorm,
                 ghost_batch_size=self.ghost_batch_size,
                 batch_axis=self.batch_axis,
                 mask=mask,
+                out=out,
             )
         except (TypeError, ValueError):
             # The forward also compares `x` with the layer's arrays; the layer's
@@ -522,6 +575,8 @@ class BatchNorm:
             )
             self.num_batches_tracked = count
         self._ctx = ctx
+        if out is not None:
+            self._y_buffer = out
         return y
 
     def _check_input(self, x: Array) -> None:
@@ -550,7 +605,20 @@ class BatchNorm:
         if self._ctx is None:
             msg = "`backward` needs a forward pass first: call the layer on an input"
             raise RuntimeError(msg)
-        dx, dweight, dbias = batch_norm_backward(dy, self._ctx)
+        out = None
+        if self.reuse_buffers:
+            ctx = self._ctx
+            inputs = {
+                "dy": dy,
+                "ctx.x": ctx.x,
+                "ctx.weight": ctx.weight,
+                "ctx.mean": ctx.mean,
+                "ctx.invstd": ctx.invstd,
+            }
+            out = _buffer(self._dx_buffer, dy, inputs)
+        dx, dweight, dbias = batch_norm_backward(dy, self._ctx, out=out)
+        if out is not None:
+            self._dx_buffer = out
         if self.affine:
             self.grad_weight, self.grad_bias = dweight, dbias
         return dx
@@ -808,6 +876,31 @@ class BatchNorm:
         var = xp.astype(var, self.running_var.dtype)  # type: ignore[union-attr]
         self.running_mean, self.running_var = _detached(mean), _detached(var)
         self.num_batches_tracked = pooled.batches
+
+
+_UNSHARED = {"_y_buffer": None, "_dx_buffer": None}
+"""The attributes that copies and pickles of a layer do not carry."""
+
+
+def _buffer(
+    kept: Array | None, like: Array, inputs: dict[str, Array | None]
+) -> Array | None:
+    """The array for a result of `like`'s shape and dtype: `kept` where it
+    fits and overlaps none of `inputs`, else a new one; None where `like`
+    is not a NumPy or CuPy array (the call then says what is wrong with it)."""
+    if not (writes_out(like) and hasattr(like, "shape")):
+        return None
+    if (
+        kept is not None
+        and library_name(kept) == library_name(like)
+        and kept.shape == like.shape
+        and kept.dtype == like.dtype
+        and device(kept) == device(like)
+        and overlapping(kept, inputs) is None
+    ):
+        return kept
+    xp = array_namespace(like)
+    return xp.empty(like.shape, dtype=like.dtype, device=device(like))
 
 
 def _detached(a: Array) -> Array:

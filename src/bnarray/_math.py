@@ -36,6 +36,7 @@ __all__ = [
     "forward_scales",
     "grad_input",
     "grad_sums",
+    "into",
     "normalize",
     "running_update",
 ]
@@ -133,9 +134,16 @@ def batch_stats(
 
 
 def normalize(
-    x: Array, mean: Array, scale: Array, shift: Array | None, *, xp: Namespace
+    x: Array,
+    mean: Array,
+    scale: Array,
+    shift: Array | None,
+    *,
+    xp: Namespace,
+    out: Array | None = None,
 ) -> Array:
-    """``(x - mean) * scale + shift`` in the compute dtype, returned in `x`'s dtype.
+    """``(x - mean) * scale + shift`` in the compute dtype, returned in `x`'s dtype
+    (copied into `out`, and `out` returned, where one is given).
 
     Subtracting the mean first (rather than folding it into the shift) keeps
     inputs with a large mean exact to the last bits of their spread.
@@ -144,7 +152,17 @@ def normalize(
     y *= scale
     if shift is not None:
         y += shift
-    return xp.astype(y, x.dtype, copy=False)
+    return into(out, xp.astype(y, x.dtype, copy=False))
+
+
+def into(out: Array | None, result: Array) -> Array:
+    """`result`, or `out` holding a copy of it. The standard has no `out=` on
+    its operations: for the NumPy arrays that the fast kernels do not take
+    (see :func:`bnarray._fast.choose`) and the variants' results."""
+    if out is None:
+        return result
+    out[...] = result
+    return out
 
 
 def grad_sums(
@@ -167,8 +185,10 @@ def grad_input(
     shift: Array | None,
     *,
     xp: Namespace,
+    out: Array | None = None,
 ) -> Array:
-    """``dy * dy_scale + (x - mean) * xc_scale + shift`` in `x`'s dtype.
+    """``dy * dy_scale + (x - mean) * xc_scale + shift`` in `x`'s dtype (copied
+    into `out`, and `out` returned, where one is given).
 
     With `xc_scale` and `shift` None (inference) this is ``dy * dy_scale``.
     """
@@ -179,7 +199,7 @@ def grad_input(
         dx += term
     if shift is not None:
         dx += shift
-    return xp.astype(dx, x.dtype, copy=False)
+    return into(out, xp.astype(dx, x.dtype, copy=False))
 
 
 # Per-channel arithmetic. Full-size passes need a few per-channel operands; on

@@ -20,18 +20,102 @@ __all__ = [
     "check_integer",
     "check_momentum",
     "check_num_batches_tracked",
+    "check_out",
     "check_statistics_source",
     "check_x",
     "library_name",
     "namespace_of",
     "normalize_axis",
+    "overlapping",
     "reduce_count",
+    "writes_out",
 ]
 
 
 def library_name(a: object) -> str:
     """The top-level module of an array's type, e.g. ``"numpy"`` or ``"torch"``."""
     return type(a).__module__.split(".", 1)[0]
+
+
+def _library_label(a: object) -> str:
+    name = library_name(a)
+    return "jax" if name == "jaxlib" else name
+
+
+def writes_out(a: Array) -> bool:
+    """Whether results for `a` can be written into an `out` array: NumPy and
+    CuPy arrays; JAX arrays are immutable, and the other libraries take the
+    generic kernels, which have no `out`."""
+    return library_name(a) in ("numpy", "cupy")
+
+
+def overlapping(out: Array, arrays: Mapping[str, Array | None]) -> str | None:
+    """The name of the first of `arrays` whose memory may overlap `out`'s, or
+    None. NumPy or CuPy arrays; a comparison of bounds, cheap."""
+    library = sys.modules[library_name(out)]
+    for name, a in arrays.items():
+        if a is not None and library.may_share_memory(out, a):
+            return name
+    return None
+
+
+def check_out(
+    out: object, like: Array, inputs: Mapping[str, Array | None], *, name: str = "x"
+) -> None:
+    """`out` must be able to receive a result of the shape and dtype of `like`
+    (named `name`): an array of its library (NumPy or CuPy), dtype, shape and
+    device, C-contiguous, writeable, and overlapping none of `inputs`.
+
+    Strides, flags and memory are not metadata a plan holds: every call with
+    an `out` runs this.
+    """
+    library = _library_label(like)
+    if not writes_out(like):
+        msg = (
+            f"`out` is supported for NumPy and CuPy arrays only; `{name}` is a "
+            f"{library} array: pass out=None"
+        )
+        raise TypeError(msg)
+    array: Any = out
+    if not isinstance(out, sys.modules[library].ndarray):
+        msg = (
+            f"`out` must be a {library} array like `{name}`, got "
+            f"{type(out).__name__}: {out!r:.80}"
+        )
+        raise TypeError(msg)
+    if array.dtype != like.dtype:
+        msg = f"`out` must have the dtype of `{name}` ({like.dtype}), got {array.dtype}"
+        raise TypeError(msg)
+    if tuple(array.shape) != tuple(like.shape):
+        msg = (
+            f"`out` must have the shape of `{name}` {tuple(like.shape)}, got "
+            f"{tuple(array.shape)}"
+        )
+        raise ValueError(msg)
+    if library == "cupy" and device(array) != device(like):
+        msg = (
+            f"`out` is on device {device(array)!r} but `{name}` is on device "
+            f"{device(like)!r}; pass an `out` on the device of `{name}`"
+        )
+        raise ValueError(msg)
+    if not array.flags.c_contiguous:
+        msg = (
+            f"`out` must be C-contiguous, got an array with strides {array.strides} "
+            f"(shape {tuple(array.shape)})"
+        )
+        raise ValueError(msg)
+    if not getattr(array.flags, "writeable", True):  # CuPy's flags have none
+        msg = (
+            "`out` must be writeable, got a read-only array (flags.writeable is False)"
+        )
+        raise ValueError(msg)
+    overlap = overlapping(array, inputs)
+    if overlap is not None:
+        msg = (
+            f"`out` overlaps `{overlap}` in memory; pass an array that shares no "
+            "memory with the inputs"
+        )
+        raise ValueError(msg)
 
 
 def namespace_of(arrays: Mapping[str, Array | None]) -> Namespace:

@@ -34,7 +34,9 @@ class Kernels(Protocol):
     compares them) and to the same results (the fast == generic tests). The
     four full-size kernels are the passes over memory; the other three the
     per-channel arithmetic between them. In every signature ``shift`` is the
-    per-channel term added last.
+    per-channel term added last. ``normalize`` and ``grad_input`` write their
+    result into `out` where one is given (a C-contiguous, writeable array of
+    the result's shape and dtype that overlaps no input) and return it.
     """
 
     def batch_stats(
@@ -42,7 +44,14 @@ class Kernels(Protocol):
     ) -> tuple[Array, Array]: ...
 
     def normalize(
-        self, x: Array, mean: Array, scale: Array, shift: Array | None, *, xp: Namespace
+        self,
+        x: Array,
+        mean: Array,
+        scale: Array,
+        shift: Array | None,
+        *,
+        xp: Namespace,
+        out: Array | None = None,
     ) -> Array: ...
 
     def grad_sums(
@@ -65,6 +74,7 @@ class Kernels(Protocol):
         shift: Array | None,
         *,
         xp: Namespace,
+        out: Array | None = None,
     ) -> Array: ...
 
     def forward_scales(

@@ -237,13 +237,14 @@ def _raw_elementwise(
     view: tuple[int, int, int],
     full: tuple[Array, ...],
     channel: tuple[Array, ...],
+    out: Array | None = None,
 ) -> Array:
     """``out = expr`` of `_cuda.ELEMENTWISE[name]` over the (outer, C, inner)
-    view of the full-size arrays."""
+    view of the full-size arrays, into a new array or the C-contiguous `out`."""
     like = full[0]
     compute = _compute_dtype(like.dtype)
     index, itype = _index_type(like.size)
-    out = cupy.empty_like(like)
+    out = cupy.empty_like(like) if out is None else out
     args = (*full, *(_contiguous(a, compute) for a in channel), out)
     sms = _multiprocessors(like.device.id)
     launch = _elementwise_launch(view, _two_per_thread(view, full), sms)
@@ -315,17 +316,29 @@ def batch_stats(
 
 
 def normalize(
-    x: Array, mean: Array, scale: Array, shift: Array | None, *, xp: Namespace
+    x: Array,
+    mean: Array,
+    scale: Array,
+    shift: Array | None,
+    *,
+    xp: Namespace,
+    out: Array | None = None,
 ) -> Array:
     """``(x - mean) * scale + shift``: see :func:`bnarray._math.normalize`."""
     view = _view((x,), mean.shape)
     if view is None:
         shift = _zeros(mean) if shift is None else shift
-        return _elementwise_kernel("normalize")(x, mean, scale, shift)
+        return _elementwise_kernel("normalize")(x, mean, scale, shift, *_given(out))
     name = "normalize" if shift is not None else "normalize_scale"
     channel = (mean, scale) if shift is None else (mean, scale, shift)
     channel = tuple(_channel_shaped(a, mean) for a in channel)
-    return _raw_elementwise(name, view, (x,), channel)
+    return _raw_elementwise(name, view, (x,), channel, out)
+
+
+def _given(out: Array | None) -> tuple[Array, ...]:
+    """The output argument of an ``ElementwiseKernel`` call, if there is one
+    (the kernel allocates its output where it is left out)."""
+    return () if out is None else (out,)
 
 
 def grad_sums(
@@ -349,6 +362,7 @@ def grad_input(
     shift: Array | None,
     *,
     xp: Namespace,
+    out: Array | None = None,
 ) -> Array:
     """``dy * dy_scale + (x - mean) * xc_scale + shift``: see
     :func:`bnarray._math.grad_input`."""
@@ -356,9 +370,9 @@ def grad_input(
     view = _view((dy,) if only_scale else (dy, x), mean.shape)
     if only_scale:
         if view is None:
-            return _elementwise_kernel("scale")(dy, dy_scale)
+            return _elementwise_kernel("scale")(dy, dy_scale, *_given(out))
         return _raw_elementwise(
-            "scale", view, (dy,), (_channel_shaped(dy_scale, mean),)
+            "scale", view, (dy,), (_channel_shaped(dy_scale, mean),), out
         )
     zero = _zeros(mean)
     channel = (
@@ -368,9 +382,9 @@ def grad_input(
         zero if shift is None else shift,
     )
     if view is None:
-        return _elementwise_kernel("grad_input")(dy, x, *channel)
+        return _elementwise_kernel("grad_input")(dy, x, *channel, *_given(out))
     channel = tuple(_channel_shaped(a, mean) for a in channel)
-    return _raw_elementwise("grad_input", view, (dy, x), channel)
+    return _raw_elementwise("grad_input", view, (dy, x), channel, out)
 
 
 def _channel_kernel(

@@ -541,12 +541,19 @@ def batch_stats(
 
 
 def normalize(
-    x: Array, mean: Array, scale: Array, shift: Array | None, *, xp: Namespace
+    x: Array,
+    mean: Array,
+    scale: Array,
+    shift: Array | None,
+    *,
+    xp: Namespace,
+    out: Array | None = None,
 ) -> Array:
     """``(x - mean) * scale + shift``: see :func:`bnarray._math.normalize`."""
     x3 = _cpu.view3(x, tuple(mean.shape))
     dtype = np.dtype(mean.dtype)
-    y = np.empty(x.shape, dtype=x.dtype)  # C-contiguous, as the loops write it
+    # C-contiguous, as the loops write it (and so is `out`)
+    y = np.empty(x.shape, dtype=x.dtype) if out is None else out
     xs, r, loop = _layout(x3, _normalize_blocks, _normalize_rows)
     stretch = _map_stretch(x.dtype)
     values = [
@@ -584,6 +591,7 @@ def grad_input(
     shift: Array | None,
     *,
     xp: Namespace,
+    out: Array | None = None,
 ) -> Array:
     """``dy * dy_scale + (x - mean) * xc_scale + shift``: see
     :func:`bnarray._math.grad_input`."""
@@ -595,7 +603,8 @@ def grad_input(
         zero = np.zeros(c, dtype=dtype)
         xc_scale = zero if xc_scale is None else xc_scale
         shift = zero if shift is None else shift
-    dx = np.empty(x.shape, dtype=x.dtype)  # C-contiguous, as the loops write it
+    # C-contiguous, as the loops write it (and so is `out`)
+    dx = np.empty(x.shape, dtype=x.dtype) if out is None else out
     xs, r, loop = _layout(x3, _grad_input_blocks, _grad_input_rows)
     dyb, xb, dxb = (_bits(a.reshape(xs.shape)) for a in (dy3, x3, dx))
     stretch = _map_stretch(x.dtype)
@@ -750,14 +759,17 @@ def small_forward(
     gamma: np.ndarray | None,
     beta: np.ndarray | None,
     eps: float,
+    *,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A training forward pass of a small C-contiguous `x`: y, and the mean,
-    biased variance and invstd in the broadcast shape `channel_shape` and the
-    compute dtype (what ``batch_stats``, ``forward_scales`` and ``normalize``
-    give; `gamma` and `beta` are as they take them)."""
+    """A training forward pass of a small C-contiguous `x`: y (in `out` where
+    given), and the mean, biased variance and invstd in the broadcast shape
+    `channel_shape` and the compute dtype (what ``batch_stats``,
+    ``forward_scales`` and ``normalize`` give; `gamma` and `beta` are as they
+    take them)."""
     x3 = _cpu.view3(x, channel_shape)
     dtype = _cpu.compute_dtype(x.dtype)
-    y = np.empty(x.shape, dtype=x.dtype)
+    y = np.empty(x.shape, dtype=x.dtype) if out is None else out
     stats = np.empty((3, x3.shape[1]), dtype=dtype)
     _small_forward(
         _bits3(x3),
@@ -778,13 +790,16 @@ def small_backward(
     invstd: np.ndarray,
     gamma: np.ndarray | None,
     count: int,
+    *,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The training backward pass of a small C-contiguous `x` and `dy`: dx,
-    dweight and Σ dy in the broadcast shape of `mean` and its dtype (what
-    ``grad_sums``, ``backward_scales`` and ``grad_input`` give)."""
+    """The training backward pass of a small C-contiguous `x` and `dy`: dx (in
+    `out` where given), dweight and Σ dy in the broadcast shape of `mean` and
+    its dtype (what ``grad_sums``, ``backward_scales`` and ``grad_input``
+    give)."""
     x3 = _cpu.view3(x, tuple(mean.shape))
     dtype = mean.dtype
-    dx = np.empty(x.shape, dtype=x.dtype)
+    dx = np.empty(x.shape, dtype=x.dtype) if out is None else out
     grads = np.empty((2, x3.shape[1]), dtype=dtype)
     _small_backward(
         _bits3(dy.reshape(x3.shape)),

@@ -198,7 +198,13 @@ def batch_stats(
 
 
 def normalize(
-    x: Array, mean: Array, scale: Array, shift: Array | None, *, xp: Namespace
+    x: Array,
+    mean: Array,
+    scale: Array,
+    shift: Array | None,
+    *,
+    xp: Namespace,
+    out: Array | None = None,
 ) -> Array:
     """``(x - mean) * scale + shift``: see :func:`bnarray._math.normalize`."""
     x3 = _cpu.view3(x, tuple(mean.shape))
@@ -206,7 +212,8 @@ def normalize(
     mean3 = _operand(mean, x3.shape, dtype)
     scale3 = _operand(scale, x3.shape, dtype)
     shift3 = None if shift is None else _operand(shift, x3.shape, dtype)
-    y = np.empty(x.shape, dtype=x.dtype)  # C-contiguous, whatever the layout of x
+    # C-contiguous, whatever the layout of x (and so is `out`)
+    y = np.empty(x.shape, dtype=x.dtype) if out is None else out
     y3 = y.reshape(x3.shape)
     direct = x.dtype == dtype  # else compute in a float32 scratch block
 
@@ -271,6 +278,7 @@ def grad_input(
     shift: Array | None,
     *,
     xp: Namespace,
+    out: Array | None = None,
 ) -> Array:
     """``dy * dy_scale + (x - mean) * xc_scale + shift``: see
     :func:`bnarray._math.grad_input`."""
@@ -281,7 +289,8 @@ def grad_input(
     dy_scale3 = _operand(dy_scale, x3.shape, dtype)
     xc_scale3 = None if xc_scale is None else _operand(xc_scale, x3.shape, dtype)
     shift3 = None if shift is None else _operand(shift, x3.shape, dtype)
-    dx = np.empty(x.shape, dtype=x.dtype)  # C-contiguous, whatever the layout of x
+    # C-contiguous, whatever the layout of x (and so is `out`)
+    dx = np.empty(x.shape, dtype=x.dtype) if out is None else out
     dx3 = dx.reshape(x3.shape)
     direct = x.dtype == dtype
 
@@ -325,6 +334,8 @@ def small_forward(
     gamma: np.ndarray | None,
     beta: np.ndarray | None,
     eps: float,
+    *,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A training forward pass of a small C-contiguous `x`: see
     :func:`bnarray._fast._numba.small_forward`. The generic kernels on the
@@ -336,7 +347,7 @@ def small_forward(
     invstd, scale = forward_scales(var, _flat3(gamma, x3), eps, xp=xp)
     y = _math.normalize(x3, mean, scale, _flat3(beta, x3), xp=xp)
     return (
-        y.reshape(x.shape),
+        _math.into(out, y.reshape(x.shape)),
         mean.reshape(channel_shape),
         var.reshape(channel_shape),
         invstd.reshape(channel_shape),
@@ -350,6 +361,8 @@ def small_backward(
     invstd: np.ndarray,
     gamma: np.ndarray | None,
     count: int,
+    *,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The training backward pass of a small C-contiguous `x` and `dy`: see
     :func:`bnarray._fast._numba.small_backward`."""
@@ -377,7 +390,7 @@ def small_backward(
     dx += xc
     dx += shift
     return (
-        dx.astype(x.dtype, copy=False).reshape(x.shape),
+        _math.into(out, dx.astype(x.dtype, copy=False).reshape(x.shape)),
         dweight.reshape(mean.shape),
         sum_dy.reshape(mean.shape),
     )
