@@ -388,12 +388,18 @@ def bench_gpu(session: nox.Session) -> None:
 
 @nox.session(python="3.11", default=False)
 def bench(session: nox.Session) -> None:
-    """Time the NumPy kernels against PyTorch CPU and the copy roof (`-- --quick`: 1 min).
+    """Time the NumPy kernels against PyTorch CPU and the copy roof, then one
+    training step on small arrays against PyTorch and plain NumPy (`-- --quick`:
+    about 1 min).
 
-    Prints the table and writes benchmarks/results.json; a full run also redraws
-    the plot of docs/benchmarks.md.
+    Prints the tables and writes benchmarks/results.json and
+    benchmarks/results_small.json; a full run also redraws the plot of
+    docs/benchmarks.md.
     """
     session.install(".[numba]", TORCH, "matplotlib")
     session.run("python", "benchmarks/bench.py", *session.posargs)
-    if "--quick" not in session.posargs:
+    # One training step on small arrays (`--quick`: two of the five shapes).
+    quick = ["--quick"] if "--quick" in session.posargs else []
+    session.run("python", "benchmarks/bench_small.py", *quick)
+    if not quick:
         session.run("python", "benchmarks/plot.py")

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 from bench import DTYPES, LAYOUTS, OPS, TRAFFIC, generic  # benchmarks/bench.py
+from bench_small import SHAPES as SMALL_SHAPES  # benchmarks/bench_small.py
 
 import bnarray as bn
 
@@ -120,7 +121,7 @@ def torch_case(x: Any, dy: Any, axis: int) -> dict[str, Callable[[], Any]]:
     def tensor(a: Any) -> Any:
         t = torch.from_dlpack(a)
         # NHWC memory seen as an NCHW tensor is PyTorch's channels_last format.
-        return t.permute(0, 3, 1, 2) if axis == -1 else t
+        return t.permute(0, 3, 1, 2) if axis == -1 and a.ndim == 4 else t
 
     xt = tensor(x).detach().requires_grad_(True)
     dyt = tensor(dy)
@@ -154,6 +155,48 @@ def torch_case(x: Any, dy: Any, axis: int) -> dict[str, Callable[[], Any]]:
             return functional.batch_norm(xt, rm, rv, w, b, training=False, eps=1e-5)
 
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd, "infer": infer}
+
+
+def layer_step(x: Any, dy: Any, axis: int) -> Callable[[], Any]:
+    """One training step through :class:`bnarray.BatchNorm` on CuPy arrays."""
+    layer = bn.BatchNorm(x.shape[axis], axis=axis, xp=cupy, dtype=cupy.float32)
+
+    def step() -> Any:
+        return layer(x), layer.backward(dy)
+
+    return step
+
+
+def small_steps(trials: int) -> list[dict[str, Any]]:
+    """The CPU benchmark's small-arrays table (benchmarks/bench_small.py) on
+    the GPU: one training step (forward, running-statistics update,
+    backward), through the functions and through the layer, and PyTorch's."""
+    rows = []
+    rng = np.random.default_rng(0)
+    print(
+        f"{'shape':<18}{'axis':>5}{'dtype':>9}{'bnarray us':>11}{'layer us':>9}{'torch us':>9}"
+    )
+    for shape, axis in SMALL_SHAPES:
+        for dtype in DTYPES:
+            if dtype == "float16" and len(shape) == 2:
+                continue  # PyTorch's batch norm takes float16 in NCHW and NHWC only
+            x = cupy.asarray((rng.standard_normal(shape) * 2 + 3).astype(dtype))
+            dy = cupy.asarray(rng.standard_normal(shape).astype(dtype))
+            steps = {
+                "bnarray": bnarray_case(x, dy, axis)["fwd+bwd"],
+                "layer": layer_step(x, dy, axis),
+                "torch": torch_case(x, dy, axis)["fwd+bwd"],
+            }
+            row: dict[str, Any] = {"shape": list(shape), "axis": axis, "dtype": dtype}
+            for impl, fn in steps.items():
+                row[f"{impl}_us"] = 1e6 * time_per_call(fn, calls=200, trials=trials)
+            rows.append(row)
+            print(
+                f"{tuple(shape)!s:<18}{axis:>5}{dtype:>9}{row['bnarray_us']:11.0f}"
+                f"{row['layer_us']:9.0f}{row['torch_us']:9.0f}",
+                flush=True,
+            )
+    return rows
 
 
 def check_agreement(x: Any, axis: int) -> float:
@@ -252,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
             f"per-call floor (2x64x2x2), {impl}: "
             + ", ".join(f"{op} {t:.0f} us" for op, t in ops.items())
         )
+    machine["small_arrays"] = small_steps(args.trials)
     print(header)
     shapes = SHAPES[:1] if args.quick else SHAPES
     dtypes = DTYPES[:1] if args.quick else DTYPES

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -174,7 +174,7 @@ def _as_stat(
     if a is None:
         return None
     if type(a) is np.ndarray:  # the methods: NumPy's functions wrap them
-        return a.astype(dtype, copy=False).reshape(shape)
+        return a.astype(cast(Any, dtype), copy=False).reshape(shape)
     return xp.reshape(xp.astype(a, dtype, copy=False), shape)
 
 

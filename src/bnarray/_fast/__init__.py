@@ -127,7 +127,7 @@ def kernel_env() -> tuple[Any, Any]:
 def _env_data() -> tuple[Any, tuple[Any, Any]]:
     try:
         data = os.environ._data  # type: ignore[attr-defined]
-        encode = os.environ.encodekey  # type: ignore[attr-defined]
+        encode = os.environ.encodekey
         return data, (encode(FORCE_GENERIC_ENV), encode(NUMBA_ENV))
     except AttributeError:  # not CPython's os.environ
         return None, (None, None)

@@ -370,7 +370,7 @@ def small_backward(
     dy3 = dy.reshape(x3.shape)
     axes = _small_axes(x3)
     dtype = mean.dtype
-    mean3, invstd3 = _flat3(mean, x3), _flat3(invstd, x3)
+    mean3, invstd3 = mean.reshape(1, -1, 1), invstd.reshape(1, -1, 1)
     xp = numpy_namespace()
     dyc = dy3.astype(dtype, copy=False)
     sum_dy = _math._sum(dyc, axes, xp=xp)
