@@ -617,48 +617,64 @@ def grad_input(
 
 
 # Small arrays: one call for a whole training forward pass, one for a whole
-# training backward pass. Below `_cpu.THREADED_MIN_ELEMENTS` the kernels above
-# run on one thread and their fixed cost (views, per-channel operands, four
-# compiled calls and the per-channel arithmetic in NumPy between them) is most
-# of a step: 64×100 float32 took 100 µs a step, the arithmetic 10 µs. These
-# loops read an (A, C, B) array whole, sum in float64 (at most 2**17 terms:
-# exact to ~1e-12 of the sum), and do the per-channel arithmetic in the
-# compute dtype, in the generic path's order of roundings.
+# training backward pass (below ``FUSED_MAX_ELEMENTS`` elements, see
+# ``bnarray._fast``). There the fixed cost of the kernels above (views,
+# per-channel operands, four compiled calls and the per-channel arithmetic in
+# NumPy between them) is most of a step: 64×100 float32 took 100 µs a step,
+# the arithmetic 10 µs. These loops read an (A, C, B) array whole on one
+# thread, and do the per-channel arithmetic in the compute dtype, in the
+# generic path's order of roundings.
 
 
 _AT = _cpu.SAMPLE_AT
+
+# Terms each sum of the small loops adds in the compute dtype before float64
+# takes over: within a few roundings of float32 (the vectorized loops add
+# them in several interleaved partial sums).
+_SMALL_TERMS = 512
 
 
 @numba.njit(**_REDUCE)
 def _small_sums(x: Any, ref: Any, dy: Any, s1: Any, s2: Any) -> None:
     """Σ u and Σ u·d per channel into float64 `s1`, `s2`, with d = x − ref and
-    u = d (`dy` None) or dy, over a C-contiguous (A, C, B) array."""
+    u = d (`dy` None) or dy, over a C-contiguous (A, C, B) array: in the
+    compute dtype over at most `_SMALL_TERMS` terms, then in float64."""
     na, nc, nb = x.shape
+    zero = np.zeros(1, ref.dtype)[0]
     if nb == 1:  # rows of channels: the channels are the inner loop
         x2 = x.reshape(na, nc)
         g2 = x2 if dy is None else dy.reshape(na, nc)
-        for a in range(na):
-            xr, g = x2[a], g2[a]
+        t1 = np.zeros(nc, ref.dtype)
+        t2 = np.zeros(nc, ref.dtype)
+        for a0 in range(0, na, _SMALL_TERMS):
+            t1[:] = zero
+            t2[:] = zero
+            for a in range(a0, min(a0 + _SMALL_TERMS, na)):
+                xr, g = x2[a], g2[a]
+                for c in range(nc):
+                    d = _load(xr[c]) - ref[c]
+                    u = d if dy is None else _load(g[c])
+                    t1[c] += u
+                    t2[c] += u * d
             for c in range(nc):
-                d = _load(xr[c]) - ref[c]
-                u = d if dy is None else _load(g[c])
-                s1[c] += u
-                s2[c] += u * d
+                s1[c] += t1[c]
+                s2[c] += t2[c]
         return
     for a in range(na):
         for c in range(nc):
-            xr = x[a, c]
-            g = xr if dy is None else dy[a, c]
             r = ref[c]
-            t1 = 0.0
-            t2 = 0.0
-            for b in range(nb):
-                d = _load(xr[b]) - r
-                u = d if dy is None else _load(g[b])
-                t1 += u
-                t2 += u * d
-            s1[c] += t1
-            s2[c] += t2
+            for j in range(0, nb, _SMALL_TERMS):
+                xr = x[a, c, j : min(j + _SMALL_TERMS, nb)]
+                g = xr if dy is None else dy[a, c, j : min(j + _SMALL_TERMS, nb)]
+                t1 = zero
+                t2 = zero
+                for i in range(xr.shape[0]):
+                    d = _load(xr[i]) - r
+                    u = d if dy is None else _load(g[i])
+                    t1 += u
+                    t2 += u * d
+                s1[c] += t1
+                s2[c] += t2
 
 
 @numba.njit(**_MAP)
@@ -685,12 +701,13 @@ def _small_map(
                 o[c] = _store(v, o[0])
         return
     for a in range(na):
-        xr, g, o = x2[a], g2[a], o2[a]
         for c in range(nc):
+            xr, o = x[a, c], out[a, c]
+            g = xr if dy is None else dy[a, c]
             m, r = mean[c], xc_scale[c]
             s = r if dy is None else dy_scale[c]
             t = r if shift is None else shift[c]
-            for i in range(c * nb, (c + 1) * nb):
+            for i in range(nb):
                 if dy is None:
                     v = (_load(xr[i]) - m) * r
                 else:
