@@ -212,18 +212,17 @@ def test_calls_from_threads_get_their_own_results():
         ((524_287, 2), -1),
         ((3, 2, 87_381), 1),
         ((2, 3, 87_381), -1),
-        ((8_191, 2), -1),
-        ((3, 2, 1_365), 1),
+        ((1_023, 2), -1),
     ],
-    ids=["rows", "planes", "long rows", "NumPy rows", "NumPy planes"],
+    ids=["rows", "planes", "long rows", "short rows"],
 )
 def test_the_fused_small_array_path_is_accurate(numpy_kernels, shape, axis, dtype):
     """Arrays just below the fused loops' size limit, a mean 10⁴ standard
     deviations from zero, a strided view: the float64 reference's statistics
     to the accuracy page's bounds."""
-    size = int(np.prod(shape))
-    assert _fast.fused(numpy_kernels, size) is not None or (
-        size >= numpy_kernels._SMALL_ELEMENTS  # the blocked NumPy kernels then
+    kept = (len(shape) - 1,) if axis == -1 else (axis,)
+    assert _fast.fused(numpy_kernels, shape, kept) is not None or (
+        numpy_kernels.__name__.endswith("_numpy")  # channels-last rows: blocked
     )
     rng = np.random.default_rng(0)
     x = (1e4 + rng.standard_normal((shape[0] * 2, *shape[1:]))).astype(dtype)[::-2]
@@ -247,9 +246,12 @@ def test_the_fused_path_serves_small_arrays_only(module):
 
     kernels = importlib.import_module(f"bnarray._fast.{module}")
     limit = getattr(kernels, "_SMALL_ELEMENTS", _fast.FUSED_MAX_ELEMENTS)
-    assert _fast.fused(kernels, limit - 1) is kernels
-    assert _fast.fused(kernels, limit) is None
-    assert _fast.fused(importlib.import_module("bnarray._math"), 10) is None
+    assert _fast.fused(kernels, (1, 1, limit - 1), (1,)) is kernels
+    assert _fast.fused(kernels, (1, 1, limit), (1,)) is None
+    assert _fast.fused(importlib.import_module("bnarray._math"), (2, 5), (1,)) is None
+    if module == "_numpy":  # channels-last rows of over 1024 values: blocked
+        assert _fast.fused(kernels, (1024, 3), (1,)) is kernels
+        assert _fast.fused(kernels, (1025, 3), (1,)) is None
     # The fused and the blocked kernels agree on the same array.
     rng = np.random.default_rng(1)
     x = rng.normal(2.0, 3.0, size=(50, 7)).astype(np.float32)

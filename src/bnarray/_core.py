@@ -518,7 +518,7 @@ def _forward_plan(
         training=training,
         api=xp,
         variant=variant,
-        fused=fused(kernels, x.size) if training and not synced else None,
+        fused=fused(kernels, tuple(x.shape), kept) if training and not synced else None,
     )
 
 
@@ -788,7 +788,7 @@ def _backward_plan(dy: Array, ctx: BatchNormContext) -> _BackwardPlan:
         shape=_broadcast_shape(tuple(x.shape), ctx.axis),
         dtype=dtype,
         param_dtype=dtype if ctx.weight is None else ctx.weight.dtype,
-        fused=fused(kernels, x.size) if ctx.training else None,
+        fused=fused(kernels, tuple(x.shape), ctx.axis) if ctx.training else None,
     )
 
 

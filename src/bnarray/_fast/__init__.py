@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -262,13 +263,16 @@ def plan(
 FUSED_MAX_ELEMENTS = 1 << 20
 
 
-def fused(kernels: Kernels, size: int) -> Any:
+def fused(kernels: Kernels, shape: tuple[int, ...], kept: tuple[int, ...]) -> Any:
     """The module of fused training passes (``small_forward``,
-    ``small_backward``) for an array of `size` elements that `kernels` serve,
-    or None: the Numba kernels have them for arrays of fewer than
-    `FUSED_MAX_ELEMENTS` elements, the NumPy kernels for fewer than
-    ``_numpy._SMALL_ELEMENTS``."""
-    limit = getattr(kernels, "_SMALL_ELEMENTS", FUSED_MAX_ELEMENTS)
-    if not hasattr(kernels, "small_forward") or size >= limit:
+    ``small_backward``) for an array of `shape` with channel axes `kept` that
+    `kernels` serve, or None: the Numba kernels have them for arrays of fewer
+    than `FUSED_MAX_ELEMENTS` elements, the NumPy kernels where
+    ``_numpy.fuses`` says so."""
+    if not hasattr(kernels, "small_forward"):
         return None
-    return kernels
+    size = math.prod(shape)
+    fuses = getattr(kernels, "fuses", None)
+    if fuses is not None:
+        return kernels if fuses(shape, kept) else None
+    return kernels if size < FUSED_MAX_ELEMENTS else None
