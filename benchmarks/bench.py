@@ -596,8 +596,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--json",
         type=Path,
-        help="where to write the results (default: benchmarks/results.json, "
-        "or results-quick.json with --quick)",
+        help="where to write the results (default: benchmarks/results.json; "
+        "results-quick.json with --quick, results-shape.json with --shape)",
     )
     args = parser.parse_args(argv)
     if args.json is None:
@@ -606,6 +606,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.mask
             else "results-quick.json"
             if args.quick
+            else "results-shape.json"
+            if args.shape
             else "results.json"
         )
         args.json = Path(__file__).with_name(name)
