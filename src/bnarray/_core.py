@@ -12,7 +12,7 @@ from . import _jax, _math, _variants
 from ._compat import Array, Namespace, fast_namespace, is_jax_namespace
 from ._distributed import check_sync, global_grad_sums, global_moments
 from ._fast import Kernels, choose, fused, kernel_env, kernels_for
-from ._plans import PLANS, exact, meta
+from ._plans import exact, meta, plan_for
 from ._validation import (
     check_batch_count,
     check_bool,
@@ -329,33 +329,28 @@ def batch_norm_forward(
     >>> y is buffer
     True
     """
-    key = None
-    # A synchronizer is checked on every call; what is not an array has no
-    # key, and the checks say which argument it is.
-    # A mask's count of True values is checked on every call.
-    if sync is None and mask is None:
-        try:
-            key = (
-                _FORWARD,
-                kernel_env(),
-                meta(x),
-                exact(axis),
-                exact(eps),
-                exact(training),
-                meta(weight),
-                meta(bias),
-                meta(running_mean),
-                meta(running_var),
-                exact(renorm),
-                exact(ghost_batch_size),
-                exact(batch_axis),
-                meta(out),
-            )
-        except AttributeError:
-            key = None
-    call = PLANS.get(key)
-    if call is None:
-        call = _forward_plan(
+    # A synchronizer, and a mask's count of True values, are checked on every
+    # call: such calls keep no plan.
+    call, cached = plan_for(
+        None
+        if sync is not None or mask is not None
+        else lambda: (
+            _FORWARD,
+            kernel_env(),
+            meta(x),
+            exact(axis),
+            exact(eps),
+            exact(training),
+            meta(weight),
+            meta(bias),
+            meta(running_mean),
+            meta(running_var),
+            exact(renorm),
+            exact(ghost_batch_size),
+            exact(batch_axis),
+            meta(out),
+        ),
+        lambda: _forward_plan(
             x,
             weight,
             bias,
@@ -369,9 +364,9 @@ def batch_norm_forward(
             ghost_batch_size,
             batch_axis,
             mask,
-        )
-        PLANS.put(key, call)
-    elif not call.one_device:
+        ),
+    )
+    if cached and not call.one_device:
         _same_device(x, weight, bias, running_mean, running_var, None)
     if out is not None:
         inputs = {
@@ -676,27 +671,23 @@ def batch_norm_backward(
     ctx = _check_ctx(ctx)
     x = ctx.x
     variant = _variants.variant_of(ctx) if ctx.training else None
-    key = None
-    if variant is None:
-        try:
-            key = (
-                _BACKWARD,
-                kernel_env(),
-                meta(dy),
-                meta(x),
-                ctx.axis,
-                ctx.training,
-                meta(ctx.weight),
-                meta(ctx.mean),
-                meta(out),
-            )
-        except AttributeError:
-            key = None
-    call = PLANS.get(key)
-    if call is None:
-        call = _backward_plan(dy, ctx)
-        PLANS.put(key, call)
-    elif not call.one_device:
+    call, cached = plan_for(
+        None
+        if variant is not None
+        else lambda: (
+            _BACKWARD,
+            kernel_env(),
+            meta(dy),
+            meta(x),
+            ctx.axis,
+            ctx.training,
+            meta(ctx.weight),
+            meta(ctx.mean),
+            meta(out),
+        ),
+        lambda: _backward_plan(dy, ctx),
+    )
+    if cached and not call.one_device:
         namespace_of({"dy": dy, "x": x})
     if out is not None:
         inputs = {
@@ -867,8 +858,8 @@ def update_running_stats(
     (array([1.]), array([1.]))
     """
     ctx = _check_ctx(ctx)
-    try:
-        key = (
+    call, cached = plan_for(
+        lambda: (
             _UPDATE,
             kernel_env(),
             meta(running_mean),
@@ -877,16 +868,12 @@ def update_running_stats(
             ctx.training,
             exact(momentum),
             exact(unbiased),
-        )
-    except AttributeError:
-        key = None
-    call = PLANS.get(key)
-    if call is None:
-        call = _update_plan(
+        ),
+        lambda: _update_plan(
             running_mean, running_var, ctx, momentum, num_batches_tracked, unbiased
-        )
-        PLANS.put(key, call)
-    elif not call.one_device:
+        ),
+    )
+    if cached and not call.one_device:
         namespace_of(
             {"running_mean": running_mean, "running_var": running_var, "ctx": ctx.mean}
         )

@@ -14,10 +14,10 @@ values of arguments that change from call to call (``num_batches_tracked``).
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
-__all__ = ["PLANS", "PlanCache", "exact", "meta"]
+__all__ = ["PLANS", "PlanCache", "exact", "meta", "plan_for"]
 
 MAX_PLANS = 512
 """The most plans kept; the oldest goes first when a new one needs room."""
@@ -84,3 +84,22 @@ def exact(value: Any) -> Hashable:
     if type(value) is tuple:
         return (tuple, tuple(exact(v) for v in value))
     return (type(value), value)
+
+
+def plan_for(
+    key: Callable[[], Hashable] | None, make: Callable[[], Any]
+) -> tuple[Any, bool]:
+    """The plan stored under ``key()``, and True; else ``make()`` (every check
+    of the call, which raises for a bad argument), stored under that key, and
+    False. `key` None, or a key that reads an attribute an argument lacks (it
+    is not an array: the checks say so), stores nothing."""
+    try:
+        wanted = None if key is None else key()
+    except AttributeError:
+        wanted = None
+    plan = PLANS.get(wanted)
+    if plan is not None:
+        return plan, True
+    plan = make()
+    PLANS.put(wanted, plan)
+    return plan, False
