@@ -210,7 +210,7 @@ def test_calls_from_threads_get_their_own_results():
     ("shape", "axis"),
     [
         ((524_287, 2), -1),
-        ((3, 2, 87_381), 1),
+        ((3, 2, 4_095), 1),
         ((2, 3, 87_381), -1),
         ((1_023, 2), -1),
     ],
@@ -221,9 +221,7 @@ def test_the_fused_small_array_path_is_accurate(numpy_kernels, shape, axis, dtyp
     deviations from zero, a strided view: the float64 reference's statistics
     to the accuracy page's bounds."""
     kept = (len(shape) - 1,) if axis == -1 else (axis,)
-    assert _fast.fused(numpy_kernels, shape, kept) is not None or (
-        numpy_kernels.__name__.endswith("_numpy")  # channels-last rows: blocked
-    )
+    assert _fast.fused(numpy_kernels, shape, kept) is not None
     rng = np.random.default_rng(0)
     x = (1e4 + rng.standard_normal((shape[0] * 2, *shape[1:]))).astype(dtype)[::-2]
     y, ctx = bn.batch_norm_forward(x, axis=axis)
@@ -246,12 +244,13 @@ def test_the_fused_path_serves_small_arrays_only(module):
 
     kernels = importlib.import_module(f"bnarray._fast.{module}")
     limit = getattr(kernels, "_SMALL_ELEMENTS", _fast.FUSED_MAX_ELEMENTS)
-    assert _fast.fused(kernels, (1, 1, limit - 1), (1,)) is kernels
-    assert _fast.fused(kernels, (1, 1, limit), (1,)) is None
+    assert _fast.fused(kernels, (limit // 64 - 1, 16, 4), (1,)) is kernels
+    assert _fast.fused(kernels, (limit // 64, 16, 4), (1,)) is None
     assert _fast.fused(importlib.import_module("bnarray._math"), (2, 5), (1,)) is None
-    if module == "_numpy":  # channels-last rows of over 1024 values: blocked
-        assert _fast.fused(kernels, (1024, 3), (1,)) is kernels
-        assert _fast.fused(kernels, (1025, 3), (1,)) is None
+    if module == "_numpy":  # rows after the channels of over 4096 values: blocked
+        assert _fast.fused(kernels, (2, 3, 4096), (1,)) is kernels
+        assert _fast.fused(kernels, (2, 3, 4097), (1,)) is None
+        assert _fast.fused(kernels, (50_000, 3), (1,)) is kernels
     # The fused and the blocked kernels agree on the same array.
     rng = np.random.default_rng(1)
     x = rng.normal(2.0, 3.0, size=(50, 7)).astype(np.float32)

@@ -319,30 +319,46 @@ def grad_input(
 # Smaller arrays: a whole training forward pass, and a whole training
 # backward pass, in a few NumPy operations on the full array, with no blocks:
 # there the blocked kernels' fixed cost (operands, block plans, per-channel
-# arithmetic between four kernels) is most of a step, or their many small
-# operations on short rows. The sums are the generic kernels' (`_math._sum`:
-# no running sum of more than 1024 terms), the statistics their corrected two
-# passes. Measured on a 2-core Xeon (2026-12-02), a training step against the
-# blocked kernels: 64×100 74 against 140 µs, 256×512 447 against 501 µs,
-# 32×64×8×8 530 against 617 µs, 8×256×14×14 2.7 against 3.1 ms; but
-# channels-last rows of over 1024 values per channel were slower (32×8×8×64:
-# 668 against 565 µs), and so are arrays beyond the last level cache.
+# arithmetic between four kernels, a thread pool) is most of a step. The
+# statistics are the generic kernels' corrected two passes, their sums the
+# BLAS products of the blocked kernels added in float64. Beyond a few MB the
+# blocked kernels, which read each block from cache twice, win.
 _SMALL_ELEMENTS = 1 << 21
 
 
 def fuses(shape: tuple[int, ...], kept: tuple[int, ...]) -> bool:
     """Whether an array of `shape` with channel axes `kept` takes the fused
-    passes: below `_SMALL_ELEMENTS` elements, and for channels-last arrays
-    (kept axes last) at most 1024 values per channel."""
+    passes: below `_SMALL_ELEMENTS` elements, and rows (the axes after the
+    channel axes) of at most `_WHOLE_ROW` values."""
     size = math.prod(shape)
-    if size >= _SMALL_ELEMENTS or size == 0:
+    if size >= _SMALL_ELEMENTS or size == 0 or not kept:
         return False
-    channels_last = kept[-1] == len(shape) - 1 if kept else False
-    return not channels_last or size // math.prod(shape[a] for a in kept) <= 1024
+    return math.prod(shape[kept[-1] + 1 :]) <= _WHOLE_ROW
 
 
-def _small_axes(x3: np.ndarray) -> tuple[int, ...]:
-    return (0,) if x3.shape[2] == 1 else (0, 2)
+# The longest rows the fused passes sum whole: a float32 BLAS dot adds them
+# in a few interleaved partial sums.
+_WHOLE_ROW = 4096
+
+
+def _whole_sums(d: np.ndarray, ones: np.ndarray) -> np.ndarray:
+    """Per-channel sums of a float32/float64 (A, C, B) array, as float64 (C,):
+    BLAS matrix-vector products (see `_sums`), 512 rows at a time for rows of
+    channels, whole rows of B <= `_WHOLE_ROW` values otherwise."""
+    a, c, b = d.shape
+    if b == 1:
+        return _column_sums(d.reshape(a, c), ones)
+    sums: np.ndarray = (d @ ones[:b]).sum(axis=0, dtype=np.float64)
+    return sums
+
+
+def _whole_dots(d: np.ndarray, e: np.ndarray, ones: np.ndarray) -> np.ndarray:
+    """Per-channel sums of ``d * e`` of two (A, C, B) arrays, as float64 (C,)."""
+    a, c, b = d.shape
+    if b == 1:
+        return _column_sums(np.multiply(d, e).reshape(a, c), ones)
+    sums: np.ndarray = _vecdot(d, e).sum(axis=0, dtype=np.float64)
+    return sums
 
 
 def small_forward(
@@ -354,13 +370,23 @@ def small_forward(
     *,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A training forward pass of a small C-contiguous `x`: see
-    :func:`bnarray._fast._numba.small_forward`. The generic kernels on the
-    (A, C, B) view, whose reductions NumPy runs faster than over the axes of
-    `x` (and no NumPy function wraps them)."""
+    """A training forward pass of a C-contiguous `x` that :func:`fuses` takes:
+    see :func:`bnarray._fast._numba.small_forward`. The corrected two passes
+    of :func:`bnarray._math.batch_stats` over the whole (A, C, B) view, their
+    sums BLAS products added in float64, then :func:`bnarray._math.normalize`."""
     x3 = _cpu.view3(x, channel_shape)
+    dtype = _cpu.compute_dtype(x.dtype)
+    xc = x3.astype(dtype, copy=False)  # BLAS has no float16
+    a, c, b = x3.shape
+    m = a * b
+    ones = _ones(dtype, _WHOLE_ROW)
+    mean0 = (_whole_sums(xc, ones) / m).astype(dtype).reshape(1, c, 1)
+    d = np.subtract(xc, mean0)
+    dmean = _whole_sums(d, ones) / m
+    var = np.maximum(_whole_dots(d, d, ones) / m - dmean * dmean, 0.0)
+    mean = (mean0.reshape(c) + dmean).astype(dtype).reshape(1, c, 1)
+    var = var.astype(dtype).reshape(1, c, 1)
     xp = numpy_namespace()
-    mean, var = _math.batch_stats(x3, _small_axes(x3), xp=xp)
     invstd, scale = forward_scales(var, _flat3(gamma, x3), eps, xp=xp)
     y = _math.normalize(x3, mean, scale, _flat3(beta, x3), xp=xp)
     return (
@@ -381,18 +407,17 @@ def small_backward(
     *,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The training backward pass of a small C-contiguous `x` and `dy`: see
-    :func:`bnarray._fast._numba.small_backward`."""
+    """The training backward pass of a C-contiguous `x` and `dy` that
+    :func:`fuses` takes: see :func:`bnarray._fast._numba.small_backward`."""
     x3 = _cpu.view3(x, tuple(mean.shape))
-    dy3 = dy.reshape(x3.shape)
-    axes = _small_axes(x3)
+    c = x3.shape[1]
     dtype = mean.dtype
-    mean3, invstd3 = mean.reshape(1, -1, 1), invstd.reshape(1, -1, 1)
-    xp = numpy_namespace()
-    dyc = dy3.astype(dtype, copy=False)
-    sum_dy = _math._sum(dyc, axes, xp=xp)
+    mean3, invstd3 = mean.reshape(1, c, 1), invstd.reshape(1, c, 1)
+    ones = _ones(dtype, _WHOLE_ROW)
+    dyc = dy.reshape(x3.shape).astype(dtype, copy=False)
+    sum_dy = _whole_sums(dyc, ones).astype(dtype).reshape(1, c, 1)
     xc = np.subtract(x3, mean3, dtype=dtype)
-    sum_dy_xc = _math._sum(xc * dyc, axes, xp=xp)
+    sum_dy_xc = _whole_dots(xc, dyc, ones).astype(dtype).reshape(1, c, 1)
     dweight, dy_scale, xc_scale, shift = backward_scales(
         sum_dy,
         sum_dy_xc,
@@ -400,7 +425,7 @@ def small_backward(
         _flat3(gamma, x3),
         count,
         training=True,
-        xp=xp,
+        xp=numpy_namespace(),
     )
     dx = np.multiply(dyc, dy_scale)
     xc *= xc_scale
