@@ -28,6 +28,7 @@ turns:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -35,7 +36,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,15 +81,24 @@ def layer_step(x: np.ndarray, dy: np.ndarray, axis: int) -> Callable[[], Any]:
     return step
 
 
-def numpy_only(fn: Callable[[], Any]) -> Callable[[], Any]:
-    def wrapped() -> Any:
+class NumpyOnly:
+    """A step timed with the NumPy-only kernels: ``BNARRAY_NUMBA=0`` is set
+    around each of its rounds (see `step_times`), not around each step,
+    whose timing would then include two updates of the environment."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+
+    def __call__(self) -> Any:
+        return self.fn()
+
+    @contextlib.contextmanager
+    def environment(self) -> Iterator[None]:
         os.environ[NUMBA_ENV] = "0"
         try:
-            return fn()
+            yield
         finally:
             del os.environ[NUMBA_ENV]
-
-    return wrapped
 
 
 def plain_step(x: np.ndarray, dy: np.ndarray, axis: int) -> Callable[[], Any]:
@@ -151,19 +161,26 @@ def step_times(
     """Per round and function, the median time of one step in seconds; the
     functions take turns round after round."""
     for fn in fns.values():
-        for _ in range(max(3, steps // 10)):
-            fn()
+        with _environment(fn):
+            for _ in range(max(3, steps // 10)):
+                fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     clock = time.perf_counter
     for _ in range(rounds):
         for name, fn in fns.items():
             samples = []
-            for _ in range(steps):
-                start = clock()
-                fn()
-                samples.append(clock() - start)
+            with _environment(fn):
+                for _ in range(steps):
+                    start = clock()
+                    fn()
+                    samples.append(clock() - start)
             times[name].append(statistics.median(samples))
     return times
+
+
+def _environment(fn: Callable[[], Any]) -> contextlib.AbstractContextManager[None]:
+    """The environment a step is timed in (`NumpyOnly`'s), else none."""
+    return fn.environment() if isinstance(fn, NumpyOnly) else contextlib.nullcontext()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -191,8 +208,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "layer": layer_step(x, dy, axis),
             }
             if numba:
-                fns["numpy"] = numpy_only(functional_step(x, dy, axis))
-                fns["numpy layer"] = numpy_only(layer_step(x, dy, axis))
+                fns["numpy"] = NumpyOnly(functional_step(x, dy, axis))
+                fns["numpy layer"] = NumpyOnly(layer_step(x, dy, axis))
             if torch is not None and (dtype == "float32" or x.ndim == 4):
                 # PyTorch's CPU batch norm takes float16 in NCHW and NHWC only.
                 fns["torch"] = torch_step(torch, x, dy, axis)

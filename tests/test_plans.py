@@ -213,8 +213,19 @@ def test_calls_from_threads_get_their_own_results():
         ((3, 2, 4_095), 1),
         ((2, 3, 87_381), -1),
         ((1_023, 2), -1),
+        ((511, 3), -1),
+        ((200, 3, 9), 1),
+        ((1_000_000, 1), -1),
     ],
-    ids=["rows", "planes", "long rows", "short rows"],
+    ids=[
+        "rows",
+        "planes",
+        "long rows",
+        "short rows",
+        "one product of rows",
+        "one product of planes",
+        "one channel",
+    ],
 )
 def test_the_fused_small_array_path_is_accurate(numpy_kernels, shape, axis, dtype):
     """Arrays just below the fused loops' size limit, a mean 10⁴ standard
@@ -263,3 +274,20 @@ def test_the_fused_path_serves_small_arrays_only(module):
         {"y": y, "mean": mean, "var": var},
         np.float32,
     )
+
+
+def test_a_context_is_the_one_its_constructor_makes(backend):
+    """The forward pass builds its context without the dataclass's __init__:
+    every field is what the constructor sets, and it stays frozen."""
+    import dataclasses
+
+    rng = np.random.default_rng(5)
+    x = backend.asarray(rng.normal(size=(8, 3)).astype(np.float32))
+    _, ctx = bn.batch_norm_forward(x)
+    fields = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)}
+    assert fields == vars(ctx)
+    again = bn.BatchNormContext(**fields)
+    assert vars(again) == vars(ctx)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.eps = 1.0
+    assert dataclasses.replace(ctx, eps=0.5).eps == 0.5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from typing import Any, cast
@@ -568,7 +569,11 @@ def _context(
     sync: Synchronizer | None,
 ) -> BatchNormContext:
     xp, channel_shape = call.xp, call.channel_shape
-    return BatchNormContext(
+    # The fields of BatchNormContext(...) set directly: a frozen dataclass's
+    # __init__ sets each through object.__setattr__, a tenth of a small step.
+    ctx: BatchNormContext = object.__new__(BatchNormContext)
+    ctx.__dict__.update(
+        _NO_VARIANT,
         x=x,
         weight=weight,
         mean=_reshape(mean, channel_shape, xp),
@@ -580,6 +585,15 @@ def _context(
         eps=call.eps,
         sync=sync,
     )
+    return ctx
+
+
+# The fields of BatchNormContext that only the variants set, at their defaults.
+_NO_VARIANT = {
+    f.name: f.default
+    for f in dataclasses.fields(BatchNormContext)
+    if f.default is not dataclasses.MISSING
+}
 
 
 def _check_ctx(ctx: object) -> BatchNormContext:

@@ -30,6 +30,7 @@ from types import EllipsisType
 from ._compat import Array, Namespace
 
 __all__ = [
+    "as_dtype",
     "backward_scales",
     "batch_stats",
     "compute_dtype",
@@ -263,8 +264,13 @@ def running_update(
     All four arrays have the channel shape; the results have the running
     statistics' dtypes, and so does the arithmetic.
     """
-    batch_mean = xp.astype(mean, running_mean.dtype, copy=False)
-    batch_var = xp.astype(var, running_var.dtype, copy=False) * bessel
+    batch_mean = as_dtype(mean, running_mean.dtype, xp)
+    batch_var = as_dtype(var, running_var.dtype, xp) * bessel
     new_mean = (1.0 - factor) * running_mean + factor * batch_mean
     new_var = (1.0 - factor) * running_var + factor * batch_var
     return new_mean, new_var
+
+
+def as_dtype(a: Array, dtype: object, xp: Namespace) -> Array:
+    """`a` in `dtype`: itself where it has it (no call into `xp`)."""
+    return a if a.dtype == dtype else xp.astype(a, dtype)

@@ -25,6 +25,7 @@ __all__ = [
     "compute_dtype",
     "executor",
     "fold_columns",
+    "geometry",
     "num_threads",
     "on_threads",
     "reference",
@@ -99,13 +100,21 @@ def view3(x: np.ndarray, channel_shape: tuple[int, ...]) -> np.ndarray:
     if not x.flags.c_contiguous:
         msg = "the CPU kernels read C-contiguous arrays: call them through `plan`"
         raise ValueError(msg)
+    return x.reshape(geometry(tuple(x.shape), channel_shape))
+
+
+def geometry(
+    shape: tuple[int, ...], channel_shape: tuple[int, ...]
+) -> tuple[int, int, int]:
+    """The (A, C, B) shape of :func:`view3` for an array of `shape`."""
     kept = [a for a, n in enumerate(channel_shape) if n != 1]
+    size = math.prod(shape)
     if not kept:
-        return x.reshape(1, 1, x.size)
+        return (1, 1, size)
     first, last = kept[0], kept[-1] + 1
-    a = math.prod(x.shape[:first])
-    c = math.prod(x.shape[first:last])
-    return x.reshape(a, c, x.size // (a * c))
+    a = math.prod(shape[:first])
+    c = math.prod(shape[first:last])
+    return (a, c, size // (a * c))
 
 
 def broadcast_shape(x: np.ndarray, reduce_axes: tuple[int, ...]) -> tuple[int, ...]:

@@ -128,13 +128,15 @@ _SUM_ROWS = 512
 
 
 def _column_sums(d: np.ndarray, ones: np.ndarray) -> np.ndarray:
-    """Column sums of a float32/float64 (a, c) array, as float64 (c,)."""
+    """Column sums of a float32/float64 (a, c) array, as (c,): one BLAS
+    product in `d`'s dtype for fewer than 512 rows, else the products of 512
+    rows at a time added in float64."""
     a, c = d.shape
-    full = a - a % _SUM_ROWS
     sums: np.ndarray
-    if full == 0:
-        sums = (ones[:a] @ d).astype(np.float64)
+    if a < _SUM_ROWS:
+        sums = ones[:a] @ d
         return sums
+    full = a - a % _SUM_ROWS
     sums = (ones[:_SUM_ROWS] @ d[:full].reshape(-1, _SUM_ROWS, c)).sum(
         axis=0, dtype=np.float64
     )
@@ -342,23 +344,15 @@ _WHOLE_ROW = 4096
 
 
 def _whole_sums(d: np.ndarray, ones: np.ndarray) -> np.ndarray:
-    """Per-channel sums of a float32/float64 (A, C, B) array, as float64 (C,):
-    BLAS matrix-vector products (see `_sums`), 512 rows at a time for rows of
-    channels, whole rows of B <= `_WHOLE_ROW` values otherwise."""
-    a, c, b = d.shape
-    if b == 1:
-        return _column_sums(d.reshape(a, c), ones)
-    sums: np.ndarray = (d @ ones[:b]).sum(axis=0, dtype=np.float64)
-    return sums
+    """Per-channel sums of a float32/float64 (A, C) or (A, C, B) array, as
+    (C,): BLAS matrix-vector products (see `_sums`), of whole rows of B <=
+    `_WHOLE_ROW` values, then of the columns (see `_column_sums`)."""
+    return _column_sums(d if d.ndim == 2 else d @ ones[: d.shape[2]], ones)
 
 
 def _whole_dots(d: np.ndarray, e: np.ndarray, ones: np.ndarray) -> np.ndarray:
-    """Per-channel sums of ``d * e`` of two (A, C, B) arrays, as float64 (C,)."""
-    a, c, b = d.shape
-    if b == 1:
-        return _column_sums(np.multiply(d, e).reshape(a, c), ones)
-    sums: np.ndarray = _vecdot(d, e).sum(axis=0, dtype=np.float64)
-    return sums
+    """Per-channel sums of ``d * e`` of two (A, C) or (A, C, B) arrays, as (C,)."""
+    return _column_sums(np.multiply(d, e) if d.ndim == 2 else _vecdot(d, e), ones)
 
 
 def small_forward(
@@ -371,26 +365,45 @@ def small_forward(
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A training forward pass of a C-contiguous `x` that :func:`fuses` takes:
-    see :func:`bnarray._fast._numba.small_forward`. The corrected two passes
-    of :func:`bnarray._math.batch_stats` over the whole (A, C, B) view, their
-    sums BLAS products added in float64, then :func:`bnarray._math.normalize`."""
-    x3 = _cpu.view3(x, channel_shape)
-    dtype = _cpu.compute_dtype(x.dtype)
-    xc = x3.astype(dtype, copy=False)  # BLAS has no float16
-    a, c, b = x3.shape
+    see :func:`bnarray._fast._numba.small_forward`.
+
+    The corrected two passes of :func:`bnarray._math.batch_stats` over the
+    whole array, as (A, C) for rows of channels and (A, C, B) otherwise: the
+    deviations ``d`` from the first pass's mean ``mean₀`` are summed, and
+    squared and summed, by the BLAS products of `_whole_sums`; ``y`` then
+    takes their buffer. The per-channel
+    arithmetic is in float64 where `_column_sums` adds in float64, else in
+    the compute dtype, which a single BLAS product of at most 512 rows
+    carries to the end (every result is rounded to it).
+    """
+    a, c, b = _geometry(x.shape, channel_shape)
+    dtype = _COMPUTE[x.dtype]
+    v = x.reshape(a, c) if b == 1 else x.reshape(a, c, b)
+    direct = x.dtype == dtype
+    vc = v if direct else v.astype(dtype)  # BLAS has no float16
     m = a * b
-    ones = _ones(dtype, _WHOLE_ROW)
-    mean0 = (_whole_sums(xc, ones) / m).astype(dtype).reshape(1, c, 1)
-    d = np.subtract(xc, mean0)
-    dmean = _whole_sums(d, ones) / m
-    var = np.maximum(_whole_dots(d, d, ones) / m - dmean * dmean, 0.0)
-    mean = (mean0.reshape(c) + dmean).astype(dtype).reshape(1, c, 1)
-    var = var.astype(dtype).reshape(1, c, 1)
-    xp = numpy_namespace()
-    invstd, scale = forward_scales(var, _flat3(gamma, x3), eps, xp=xp)
-    y = _math.normalize(x3, mean, scale, _flat3(beta, x3), xp=xp)
+    ones = _ONES[dtype]
+    mean0 = (_whole_sums(vc, ones) / m).astype(dtype, copy=False)
+    d = np.subtract(vc, _column(mean0, b), out=None if direct else vc)
+    delta = _whole_sums(d, ones) / m
+    var = _whole_dots(d, d, ones) / m - delta * delta
+    np.maximum(var, 0.0, out=var)
+    mean = (mean0 + delta).astype(dtype, copy=False)
+    var = var.astype(dtype, copy=False)
+    invstd, scale = forward_scales(var, _flat(gamma, c), eps, xp=np)
+    # y as :func:`bnarray._math.normalize` computes it, bit for bit (renorm
+    # with rmax=1, dmax=0 stays plain batch norm), in the deviations' buffer.
+    into = out.reshape(d.shape) if out is not None and direct else d
+    y = np.subtract(v, _column(mean, b), out=into)
+    y *= _column(scale, b)
+    if beta is not None:
+        y += _column(_flat(beta, c), b)
+    if out is not None and not direct:
+        np.copyto(out.reshape(y.shape), y)
+    elif not direct:
+        y = y.astype(x.dtype)
     return (
-        _math.into(out, y.reshape(x.shape)),
+        out if out is not None else y.reshape(x.shape),
         mean.reshape(channel_shape),
         var.reshape(channel_shape),
         invstd.reshape(channel_shape),
@@ -408,36 +421,65 @@ def small_backward(
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The training backward pass of a C-contiguous `x` and `dy` that
-    :func:`fuses` takes: see :func:`bnarray._fast._numba.small_backward`."""
-    x3 = _cpu.view3(x, tuple(mean.shape))
-    c = x3.shape[1]
+    :func:`fuses` takes: see :func:`bnarray._fast._numba.small_backward`;
+    its sums as in :func:`small_forward`."""
+    channel_shape = mean.shape
+    a, c, b = _geometry(x.shape, channel_shape)
     dtype = mean.dtype
-    mean3, invstd3 = mean.reshape(1, c, 1), invstd.reshape(1, c, 1)
-    ones = _ones(dtype, _WHOLE_ROW)
-    dyc = dy.reshape(x3.shape).astype(dtype, copy=False)
-    sum_dy = _whole_sums(dyc, ones).astype(dtype).reshape(1, c, 1)
-    xc = np.subtract(x3, mean3, dtype=dtype)
-    sum_dy_xc = _whole_dots(xc, dyc, ones).astype(dtype).reshape(1, c, 1)
+    ones = _ONES[dtype]
+    shape = (a, c) if b == 1 else (a, c, b)
+    dyc = dy.reshape(shape)
+    if dy.dtype != dtype:
+        dyc = dyc.astype(dtype)
+    sum_dy = _whole_sums(dyc, ones).astype(dtype, copy=False)
+    xc = np.subtract(x.reshape(shape), _column(mean.reshape(c), b), dtype=dtype)
+    sum_dy_xc = _whole_dots(xc, dyc, ones).astype(dtype, copy=False)
     dweight, dy_scale, xc_scale, shift = backward_scales(
         sum_dy,
         sum_dy_xc,
-        invstd3,
-        _flat3(gamma, x3),
+        invstd.reshape(c),
+        _flat(gamma, c),
         count,
         training=True,
-        xp=numpy_namespace(),
+        xp=np,
     )
-    dx = np.multiply(dyc, dy_scale)
-    xc *= xc_scale
+    dx = np.multiply(dyc, _column(dy_scale, b))
+    xc *= _column(xc_scale, b)
     dx += xc
-    dx += shift
+    if out is not None:
+        np.add(dx, _column(shift, b), out=out.reshape(shape))
+    else:
+        dx += _column(shift, b)
     return (
-        _math.into(out, dx.astype(x.dtype, copy=False).reshape(x.shape)),
-        dweight.reshape(mean.shape),
-        sum_dy.reshape(mean.shape),
+        out if out is not None else dx.astype(x.dtype, copy=False).reshape(x.shape),
+        dweight.reshape(channel_shape),
+        sum_dy.reshape(channel_shape),
     )
 
 
-def _flat3(v: np.ndarray | None, x3: np.ndarray) -> np.ndarray | None:
-    """A per-channel array as (1, C, 1), to combine with an (A, C, B) array."""
-    return None if v is None else v.reshape(1, x3.shape[1], 1)
+def _column(v: Any, b: int) -> Any:
+    """A (C,) array as the operand of an (A, C) array (`b` 1) or an (A, C, B) one."""
+    return v if b == 1 else v.reshape(-1, 1)
+
+
+def _flat(v: np.ndarray | None, c: int) -> np.ndarray | None:
+    """A per-channel array as (C,)."""
+    return None if v is None else v.reshape(c)
+
+
+_COMPUTE = {dtype: _cpu.compute_dtype(dtype) for dtype in _cpu.FLOATS}
+_GEOMETRY: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[int, int, int]] = {}
+
+
+def _geometry(shape: tuple[int, ...], channel_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """The (A, C, B) shape of :func:`bnarray._fast._cpu.view3`, remembered
+    for the shapes of recent calls; a single channel as one column, summed
+    512 rows at a time, rather than one row of any length."""
+    key = (shape, channel_shape)
+    found = _GEOMETRY.get(key)
+    if found is None:
+        if len(_GEOMETRY) >= 512:
+            _GEOMETRY.clear()
+        a, c, b = _cpu.geometry(shape, channel_shape)
+        found = _GEOMETRY[key] = (a * b, 1, 1) if c == 1 else (a, c, b)
+    return found
