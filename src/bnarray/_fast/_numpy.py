@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _math
-from .._compat import Array, Namespace, numpy_namespace
+from .._compat import Array, Namespace
 from .._math import backward_scales, forward_scales, running_update
 from . import _cpu
 
@@ -471,7 +470,9 @@ _COMPUTE = {dtype: _cpu.compute_dtype(dtype) for dtype in _cpu.FLOATS}
 _GEOMETRY: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[int, int, int]] = {}
 
 
-def _geometry(shape: tuple[int, ...], channel_shape: tuple[int, ...]) -> tuple[int, int, int]:
+def _geometry(
+    shape: tuple[int, ...], channel_shape: tuple[int, ...]
+) -> tuple[int, int, int]:
     """The (A, C, B) shape of :func:`bnarray._fast._cpu.view3`, remembered
     for the shapes of recent calls; a single channel as one column, summed
     512 rows at a time, rather than one row of any length."""
