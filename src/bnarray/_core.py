@@ -175,12 +175,22 @@ def _as_stat(
     if a is None:
         return None
     if type(a) is np.ndarray:  # the methods: NumPy's functions wrap them
-        return a.astype(cast(Any, dtype), copy=False).reshape(shape)
+        if a.dtype != dtype:
+            a = a.astype(cast(Any, dtype))
+        return a if a.shape == shape else a.reshape(shape)
     return xp.reshape(xp.astype(a, dtype, copy=False), shape)
 
 
 def _reshape(a: Array, shape: tuple[int, ...], xp: Namespace) -> Array:
-    return a.reshape(shape) if type(a) is np.ndarray else xp.reshape(a, shape)
+    if type(a) is np.ndarray:
+        return a if a.shape == shape else a.reshape(shape)
+    return xp.reshape(a, shape)
+
+
+def _as_param(a: np.ndarray | None, dtype: object) -> np.ndarray | None:
+    """A per-channel NumPy array in the compute dtype, in any shape (for the
+    fused passes)."""
+    return a if a is None or a.dtype == dtype else a.astype(cast(Any, dtype))
 
 
 def batch_norm_forward(
@@ -532,12 +542,12 @@ def _forward(
     xp, kernels, shape, dtype = call.xp, call.kernels, call.shape, call.dtype
     xs = np.ascontiguousarray(x) if call.contiguous else x
     count = call.count
-    if call.fused is not None:
+    if call.fused is not None:  # NumPy arrays: (C,) statistics
         y, mean, var, invstd = call.fused.small_forward(
             xs,
             shape,
-            _as_stat(weight, shape, dtype, xp),
-            _as_stat(bias, shape, dtype, xp),
+            _as_param(weight, dtype),
+            _as_param(bias, dtype),
             call.eps,
             out=out,
         )
@@ -718,21 +728,27 @@ def batch_norm_backward(
     xp, kernels, shape, dtype = call.xp, call.kernels, call.shape, call.dtype
     if call.contiguous:
         x, dy = np.ascontiguousarray(x), np.ascontiguousarray(dy)
-    reduce_axes = call.reduce_axes
-    mean = _reshape(ctx.mean, shape, xp)
-    invstd = _reshape(ctx.invstd, shape, xp)
-    gamma = _as_stat(ctx.weight, shape, dtype, xp)
-
     channel_shape, param_dtype = call.channel_shape, call.param_dtype
-    if call.fused is not None and ctx.sync is None:
+    if call.fused is not None and ctx.sync is None:  # NumPy arrays: (C,) results
         dx, dweight, sum_dy = call.fused.small_backward(
-            dy, x, mean, invstd, gamma, ctx.count, out=out
+            dy,
+            x,
+            shape,
+            ctx.mean,
+            ctx.invstd,
+            _as_param(ctx.weight, dtype),
+            ctx.count,
+            out=out,
         )
         return (
             dx,
             _as_stat(dweight, channel_shape, param_dtype, xp),
             _as_stat(sum_dy, channel_shape, param_dtype, xp),
         )
+    reduce_axes = call.reduce_axes
+    mean = _reshape(ctx.mean, shape, xp)
+    invstd = _reshape(ctx.invstd, shape, xp)
+    gamma = _as_stat(ctx.weight, shape, dtype, xp)
     sum_dy, sum_dy_xc = kernels.grad_sums(dy, x, mean, reduce_axes, xp=xp)
     if ctx.training and ctx.sync is not None:
         total_dy, total_dy_xc = global_grad_sums(sum_dy, sum_dy_xc, ctx.sync, xp=xp)

@@ -779,11 +779,12 @@ def small_forward(
     *,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A training forward pass of a small C-contiguous `x`: y (in `out` where
-    given), and the mean, biased variance and invstd in the broadcast shape
-    `channel_shape` and the compute dtype (what ``batch_stats``,
-    ``forward_scales`` and ``normalize`` give; `gamma` and `beta` are as they
-    take them)."""
+    """A training forward pass of a small C-contiguous `x` whose per-channel
+    arrays have the broadcast shape `channel_shape`: y (in `out` where given),
+    and the mean, biased variance and invstd as (C,) arrays of the compute
+    dtype (what ``batch_stats``, ``forward_scales`` and ``normalize`` give).
+    `gamma` and `beta`, of the compute dtype, may have any shape of C
+    values."""
     x3 = _cpu.view3(x, channel_shape)
     dtype = _cpu.compute_dtype(x.dtype)
     y = np.empty(x.shape, dtype=x.dtype) if out is None else out
@@ -796,13 +797,13 @@ def small_forward(
         _bits3(y.reshape(x3.shape)),
         stats,
     )
-    mean, var, invstd = (s.reshape(channel_shape) for s in stats)
-    return y, mean, var, invstd
+    return y, stats[0], stats[1], stats[2]
 
 
 def small_backward(
     dy: np.ndarray,
     x: np.ndarray,
+    channel_shape: tuple[int, ...],
     mean: np.ndarray,
     invstd: np.ndarray,
     gamma: np.ndarray | None,
@@ -810,11 +811,12 @@ def small_backward(
     *,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The training backward pass of a small C-contiguous `x` and `dy`: dx (in
-    `out` where given), dweight and Σ dy in the broadcast shape of `mean` and
-    its dtype (what ``grad_sums``, ``backward_scales`` and ``grad_input``
-    give)."""
-    x3 = _cpu.view3(x, tuple(mean.shape))
+    """The training backward pass of small C-contiguous `x` and `dy` whose
+    per-channel arrays have the broadcast shape `channel_shape`: dx (in `out`
+    where given), and dweight and Σ dy as (C,) arrays of `mean`'s dtype (what
+    ``grad_sums``, ``backward_scales`` and ``grad_input`` give). `mean`,
+    `invstd` and `gamma` may have any shape of C values."""
+    x3 = _cpu.view3(x, channel_shape)
     dtype = mean.dtype
     dx = np.empty(x.shape, dtype=x.dtype) if out is None else out
     grads = np.empty((2, x3.shape[1]), dtype=dtype)
@@ -828,8 +830,7 @@ def small_backward(
         _bits3(dx.reshape(x3.shape)),
         grads,
     )
-    dweight, sum_dy = (g.reshape(mean.shape) for g in grads)
-    return dx, dweight, sum_dy
+    return dx, grads[0], grads[1]
 
 
 def _bits3(a: np.ndarray) -> np.ndarray:

@@ -401,17 +401,13 @@ def small_forward(
         np.copyto(out.reshape(y.shape), y)
     elif not direct:
         y = y.astype(x.dtype)
-    return (
-        out if out is not None else y.reshape(x.shape),
-        mean.reshape(channel_shape),
-        var.reshape(channel_shape),
-        invstd.reshape(channel_shape),
-    )
+    return out if out is not None else y.reshape(x.shape), mean, var, invstd
 
 
 def small_backward(
     dy: np.ndarray,
     x: np.ndarray,
+    channel_shape: tuple[int, ...],
     mean: np.ndarray,
     invstd: np.ndarray,
     gamma: np.ndarray | None,
@@ -422,7 +418,6 @@ def small_backward(
     """The training backward pass of a C-contiguous `x` and `dy` that
     :func:`fuses` takes: see :func:`bnarray._fast._numba.small_backward`;
     its sums as in :func:`small_forward`."""
-    channel_shape = mean.shape
     a, c, b = _geometry(x.shape, channel_shape)
     dtype = mean.dtype
     ones = _ONES[dtype]
@@ -431,12 +426,12 @@ def small_backward(
     if dy.dtype != dtype:
         dyc = dyc.astype(dtype)
     sum_dy = _whole_sums(dyc, ones).astype(dtype, copy=False)
-    xc = np.subtract(x.reshape(shape), _column(mean.reshape(c), b), dtype=dtype)
+    xc = np.subtract(x.reshape(shape), _column(_flat(mean, c), b), dtype=dtype)
     sum_dy_xc = _whole_dots(xc, dyc, ones).astype(dtype, copy=False)
     dweight, dy_scale, xc_scale, shift = backward_scales(
         sum_dy,
         sum_dy_xc,
-        invstd.reshape(c),
+        _flat(invstd, c),
         _flat(gamma, c),
         count,
         training=True,
@@ -447,13 +442,9 @@ def small_backward(
     dx += xc
     if out is not None:
         np.add(dx, _column(shift, b), out=out.reshape(shape))
-    else:
-        dx += _column(shift, b)
-    return (
-        out if out is not None else dx.astype(x.dtype, copy=False).reshape(x.shape),
-        dweight.reshape(channel_shape),
-        sum_dy.reshape(channel_shape),
-    )
+        return out, dweight, sum_dy
+    dx += _column(shift, b)
+    return dx.astype(x.dtype, copy=False).reshape(x.shape), dweight, sum_dy
 
 
 def _column(v: Any, b: int) -> Any:
@@ -461,9 +452,9 @@ def _column(v: Any, b: int) -> Any:
     return v if b == 1 else v.reshape(-1, 1)
 
 
-def _flat(v: np.ndarray | None, c: int) -> np.ndarray | None:
-    """A per-channel array as (C,)."""
-    return None if v is None else v.reshape(c)
+def _flat(v: Any, c: int) -> Any:
+    """A per-channel array (or None) as (C,)."""
+    return v if v is None or v.ndim == 1 else v.reshape(c)
 
 
 _COMPUTE = {dtype: _cpu.compute_dtype(dtype) for dtype in _cpu.FLOATS}
