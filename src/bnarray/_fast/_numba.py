@@ -433,18 +433,28 @@ def _bits(a: np.ndarray) -> np.ndarray:
 # inner loops are long however few channels there are.
 _STRETCH = 512
 
-# The elementwise rows loops (normalize, grad_input) take shorter stretches of
-# float32 values. Measured on 16, 32 and 64 channels last (26 MB, 2 threads,
-# inputs in main memory, 2026-11-26): 64 rather than 512 made normalize
-# 15-22 % faster and grad_input 0-11 %; in float16, 64 was 5-15 % slower than
-# 128 to 512, which did not differ; in float64, and for the reductions, the
-# length made no difference.
+# normalize's rows loop takes shorter stretches of float32 values. Measured
+# on 16, 32 and 64 channels last (26 MB, 2 threads, inputs in main memory,
+# 2026-11-26): 64 rather than 512 made normalize 15-22 % faster and
+# grad_input 0-11 %; in float16, 64 was 5-15 % slower than 128 to 512, which
+# did not differ; in float64, and for the reductions, the length made no
+# difference.
 _MAP_STRETCH_FLOAT32 = 64
 
+# grad_input's rows loop, which reads two arrays, takes longer ones. Measured
+# on 16 to 256 channels last (2026-12-03, 2 threads, each of the four passes
+# of a training step timed in turn, medians of 12): on 103 MB, 8192 rather
+# than 64 made grad_input 0.5-0.7 ms (5-10 %) faster, on 26 MB 0.1 ms
+# (4-7 %); normalize gained nothing from it.
+_GRAD_STRETCH_FLOAT32 = 8192
 
-def _map_stretch(dtype: np.dtype) -> int:
-    """The stretch of the elementwise rows loops over values of `dtype`."""
-    return _MAP_STRETCH_FLOAT32 if dtype == np.float32 else _STRETCH
+
+def _map_stretch(dtype: np.dtype, *, grad: bool = False) -> int:
+    """The stretch of the elementwise rows loops over values of `dtype`:
+    normalize's, or with `grad` grad_input's."""
+    if dtype != np.float32:
+        return _STRETCH
+    return _GRAD_STRETCH_FLOAT32 if grad else _MAP_STRETCH_FLOAT32
 
 
 def _stretch_rows(c: int, stretch: int = _STRETCH) -> int:
@@ -607,7 +617,7 @@ def grad_input(
     dx = np.empty(x.shape, dtype=x.dtype) if out is None else out
     xs, r, loop = _layout(x3, _grad_input_blocks, _grad_input_rows)
     dyb, xb, dxb = (_bits(a.reshape(xs.shape)) for a in (dy3, x3, dx))
-    stretch = _map_stretch(x.dtype)
+    stretch = _map_stretch(x.dtype, grad=True)
     values = [
         _channel_values(v, xs, r, dtype, stretch=stretch)
         for v in (mean, dy_scale, xc_scale, shift)
