@@ -22,7 +22,12 @@ turns:
   for ``axis=-1`` on 4-D shapes;
 - ``plain``: ten lines of NumPy, written for these shapes: two-pass batch
   statistics, normalize, running update, backward. No checks, no
-  accuracy safeguards beyond the two passes: the cost of the arithmetic alone.
+  accuracy safeguards beyond the two passes: the cost of the arithmetic alone;
+- ``corrected``: the same lines with the statistics bnarray computes, the
+  corrected two passes (the mean of the deviations from the first mean
+  corrects both statistics: see :func:`bnarray._math.batch_stats`), which keep
+  a float32 variance exact where the mean is large against the spread and
+  the first mean is off by its rounding errors. Still no checks.
 """
 
 from __future__ import annotations
@@ -127,6 +132,34 @@ def plain_step(x: np.ndarray, dy: np.ndarray, axis: int) -> Callable[[], Any]:
     return step
 
 
+def corrected_step(x: np.ndarray, dy: np.ndarray, axis: int) -> Callable[[], Any]:
+    """`plain_step` with the corrected two-pass statistics."""
+    reduce = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+    shape = tuple(n if a == axis % x.ndim else 1 for a, n in enumerate(x.shape))
+    m = x.size // x.shape[axis]
+    weight = np.ones(shape, dtype=np.float32)
+    bias = np.zeros(shape, dtype=np.float32)
+    state = [np.zeros(shape, dtype=np.float32), np.ones(shape, dtype=np.float32)]
+
+    def step() -> Any:
+        mean0 = x.mean(axis=reduce, keepdims=True, dtype=np.float32)
+        d = x - mean0
+        delta = d.mean(axis=reduce, keepdims=True)
+        var = (d * d).mean(axis=reduce, keepdims=True) - delta * delta
+        mean = mean0 + delta
+        invstd = 1 / np.sqrt(var + EPS)
+        xhat = (x - mean) * invstd
+        y = (xhat * weight + bias).astype(x.dtype)
+        state[0] = (1 - MOMENTUM) * state[0] + MOMENTUM * mean
+        state[1] = (1 - MOMENTUM) * state[1] + MOMENTUM * var * (m / (m - 1))
+        dbias = dy.sum(axis=reduce, keepdims=True, dtype=np.float32)
+        dweight = (dy * xhat).sum(axis=reduce, keepdims=True)
+        dx = (weight * invstd / m) * (m * dy - dbias - xhat * dweight)
+        return y, dx.astype(x.dtype), dweight, dbias
+
+    return step
+
+
 def torch_step(
     torch: Any, x: np.ndarray, dy: np.ndarray, axis: int
 ) -> Callable[[], Any]:
@@ -214,6 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # PyTorch's CPU batch norm takes float16 in NCHW and NHWC only.
                 fns["torch"] = torch_step(torch, x, dy, axis)
             fns["plain"] = plain_step(x, dy, axis)
+            fns["corrected"] = corrected_step(x, dy, axis)
             times = step_times(fns, steps=args.steps, rounds=rounds)
             row: dict[str, Any] = {"shape": list(shape), "axis": axis, "dtype": dtype}
             for name, t in times.items():
@@ -249,7 +283,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-NAMES = ["bnarray", "layer", "numpy", "numpy layer", "torch", "plain"]
+NAMES = ["bnarray", "layer", "numpy", "numpy layer", "torch", "plain", "corrected"]
 
 
 def print_row(row: dict[str, Any], *, header: bool) -> None:

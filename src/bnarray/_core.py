@@ -579,7 +579,7 @@ def _context(
     sync: Synchronizer | None,
 ) -> BatchNormContext:
     xp, channel_shape = call.xp, call.channel_shape
-    if len(channel_shape) > 1 or call.fused is None:  # else (C,) already
+    if len(channel_shape) != 1 or call.fused is None:  # else (C,) already
         mean, var, invstd = (
             _reshape(a, channel_shape, xp) for a in (mean, var, invstd)
         )
