@@ -109,7 +109,16 @@ def test_non_contiguous_input_matches_generic_path(numpy_kernels, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("shape", "axis"), [((5, 37, 301), 1), ((129, 11, 3), -1), ((2, 3, 140_001), 1)]
+    ("shape", "axis"),
+    [
+        ((5, 37, 301), 1),
+        ((129, 11, 3), -1),
+        ((2, 3, 140_001), 1),
+        # rows of channels over several stretches of the rows loops, the last
+        # one partial
+        ((3000, 7), -1),
+        ((50, 6, 6, 130), -1),
+    ],
 )
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_elementwise_kernels_round_exactly_like_the_generic_path(

@@ -67,3 +67,13 @@ def test_every_fast_kernel_set_has_the_contract_signatures(module):
     for name in NAMES:
         got = _without_self(inspect.signature(getattr(kernels, name)))
         assert got == _without_self(inspect.signature(getattr(Kernels, name))), name
+
+
+def test_the_fused_passes_of_both_cpu_kernel_sets_take_the_same_arguments():
+    """The core calls the fused training passes of either the NumPy-only or
+    the Numba kernels with the same arguments."""
+    numpy_kernels, numba_kernels = _module("_numpy"), _module("_numba")
+    for name in ("small_forward", "small_backward"):
+        assert _without_self(
+            inspect.signature(getattr(numpy_kernels, name))
+        ) == _without_self(inspect.signature(getattr(numba_kernels, name))), name
