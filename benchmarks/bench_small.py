@@ -106,8 +106,11 @@ class NumpyOnly:
             del os.environ[NUMBA_ENV]
 
 
-def plain_step(x: np.ndarray, dy: np.ndarray, axis: int) -> Callable[[], Any]:
-    """Ten lines of NumPy: the step with nothing but its arithmetic."""
+def plain_step(
+    x: np.ndarray, dy: np.ndarray, axis: int, *, corrected: bool = False
+) -> Callable[[], Any]:
+    """Ten lines of NumPy: the step with nothing but its arithmetic; with
+    `corrected`, its statistics are the corrected two passes."""
     reduce = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
     shape = tuple(n if a == axis % x.ndim else 1 for a, n in enumerate(x.shape))
     m = x.size // x.shape[axis]
@@ -119,36 +122,13 @@ def plain_step(x: np.ndarray, dy: np.ndarray, axis: int) -> Callable[[], Any]:
         mean = x.mean(axis=reduce, keepdims=True, dtype=np.float32)
         xc = x - mean
         var = (xc * xc).mean(axis=reduce, keepdims=True)
+        if corrected:  # the deviations' mean corrects both statistics
+            delta = xc.mean(axis=reduce, keepdims=True)
+            var = var - delta * delta
+            mean = mean + delta
+            xc = x - mean
         invstd = 1 / np.sqrt(var + EPS)
         xhat = xc * invstd
-        y = (xhat * weight + bias).astype(x.dtype)
-        state[0] = (1 - MOMENTUM) * state[0] + MOMENTUM * mean
-        state[1] = (1 - MOMENTUM) * state[1] + MOMENTUM * var * (m / (m - 1))
-        dbias = dy.sum(axis=reduce, keepdims=True, dtype=np.float32)
-        dweight = (dy * xhat).sum(axis=reduce, keepdims=True)
-        dx = (weight * invstd / m) * (m * dy - dbias - xhat * dweight)
-        return y, dx.astype(x.dtype), dweight, dbias
-
-    return step
-
-
-def corrected_step(x: np.ndarray, dy: np.ndarray, axis: int) -> Callable[[], Any]:
-    """`plain_step` with the corrected two-pass statistics."""
-    reduce = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
-    shape = tuple(n if a == axis % x.ndim else 1 for a, n in enumerate(x.shape))
-    m = x.size // x.shape[axis]
-    weight = np.ones(shape, dtype=np.float32)
-    bias = np.zeros(shape, dtype=np.float32)
-    state = [np.zeros(shape, dtype=np.float32), np.ones(shape, dtype=np.float32)]
-
-    def step() -> Any:
-        mean0 = x.mean(axis=reduce, keepdims=True, dtype=np.float32)
-        d = x - mean0
-        delta = d.mean(axis=reduce, keepdims=True)
-        var = (d * d).mean(axis=reduce, keepdims=True) - delta * delta
-        mean = mean0 + delta
-        invstd = 1 / np.sqrt(var + EPS)
-        xhat = (x - mean) * invstd
         y = (xhat * weight + bias).astype(x.dtype)
         state[0] = (1 - MOMENTUM) * state[0] + MOMENTUM * mean
         state[1] = (1 - MOMENTUM) * state[1] + MOMENTUM * var * (m / (m - 1))
@@ -247,7 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # PyTorch's CPU batch norm takes float16 in NCHW and NHWC only.
                 fns["torch"] = torch_step(torch, x, dy, axis)
             fns["plain"] = plain_step(x, dy, axis)
-            fns["corrected"] = corrected_step(x, dy, axis)
+            fns["corrected"] = plain_step(x, dy, axis, corrected=True)
             times = step_times(fns, steps=args.steps, rounds=rounds)
             row: dict[str, Any] = {"shape": list(shape), "axis": axis, "dtype": dtype}
             for name, t in times.items():
