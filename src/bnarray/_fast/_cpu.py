@@ -77,8 +77,16 @@ def executor() -> ThreadPoolExecutor:
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:
     """:func:`bnarray._math.compute_dtype` as a NumPy dtype."""
-    compute: np.dtype = np.dtype(_math.compute_dtype(dtype, np))  # type: ignore[call-overload]
+    compute = _COMPUTE.get(dtype)
+    if compute is None:
+        compute = np.dtype(_math.compute_dtype(dtype, np))  # type: ignore[call-overload]
     return compute
+
+
+_COMPUTE: dict[np.dtype, np.dtype] = {
+    dtype: np.dtype(_math.compute_dtype(dtype, np))  # type: ignore[call-overload]
+    for dtype in FLOATS
+}
 
 
 def serves(dtype: Any, size: int, kept: tuple[int, ...]) -> bool:
@@ -106,7 +114,23 @@ def view3(x: np.ndarray, channel_shape: tuple[int, ...]) -> np.ndarray:
 def geometry(
     shape: tuple[int, ...], channel_shape: tuple[int, ...]
 ) -> tuple[int, int, int]:
-    """The (A, C, B) shape of :func:`view3` for an array of `shape`."""
+    """The (A, C, B) shape of :func:`view3` for an array of `shape`,
+    remembered for the shapes of recent calls."""
+    key = (shape, channel_shape)
+    found = _GEOMETRY.get(key)
+    if found is None:
+        if len(_GEOMETRY) >= 512:
+            _GEOMETRY.clear()
+        found = _GEOMETRY[key] = _geometry(shape, channel_shape)
+    return found
+
+
+_GEOMETRY: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[int, int, int]] = {}
+
+
+def _geometry(
+    shape: tuple[int, ...], channel_shape: tuple[int, ...]
+) -> tuple[int, int, int]:
     kept = [a for a, n in enumerate(channel_shape) if n != 1]
     size = math.prod(shape)
     if not kept:

@@ -458,20 +458,13 @@ def _flat(v: Any, c: int) -> Any:
 
 
 _COMPUTE = {dtype: _cpu.compute_dtype(dtype) for dtype in _cpu.FLOATS}
-_GEOMETRY: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[int, int, int]] = {}
 
 
 def _geometry(
     shape: tuple[int, ...], channel_shape: tuple[int, ...]
 ) -> tuple[int, int, int]:
-    """The (A, C, B) shape of :func:`bnarray._fast._cpu.view3`, remembered
-    for the shapes of recent calls; a single channel as one column, summed
-    512 rows at a time, rather than one row of any length."""
-    key = (shape, channel_shape)
-    found = _GEOMETRY.get(key)
-    if found is None:
-        if len(_GEOMETRY) >= 512:
-            _GEOMETRY.clear()
-        a, c, b = _cpu.geometry(shape, channel_shape)
-        found = _GEOMETRY[key] = (a * b, 1, 1) if c == 1 else (a, c, b)
-    return found
+    """The (A, C, B) shape of :func:`bnarray._fast._cpu.view3`, but a single
+    channel as one column, summed 512 rows at a time, rather than one row of
+    any length."""
+    a, c, b = _cpu.geometry(shape, channel_shape)
+    return (a * b, 1, 1) if c == 1 else (a, c, b)
