@@ -77,13 +77,14 @@ def executor() -> ThreadPoolExecutor:
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:
     """:func:`bnarray._math.compute_dtype` as a NumPy dtype."""
-    compute = _COMPUTE.get(dtype)
+    compute = COMPUTE.get(dtype)
     if compute is None:
         compute = np.dtype(_math.compute_dtype(dtype, np))  # type: ignore[call-overload]
     return compute
 
 
-_COMPUTE: dict[np.dtype, np.dtype] = {
+# The compute dtypes of `FLOATS`.
+COMPUTE: dict[np.dtype, np.dtype] = {
     dtype: np.dtype(_math.compute_dtype(dtype, np))  # type: ignore[call-overload]
     for dtype in FLOATS
 }

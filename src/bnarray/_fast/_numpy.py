@@ -376,7 +376,7 @@ def small_forward(
     carries to the end (every result is rounded to it).
     """
     a, c, b = _geometry(x.shape, channel_shape)
-    dtype = _COMPUTE[x.dtype]
+    dtype = _cpu.COMPUTE[x.dtype]
     v = x.reshape(a, c) if b == 1 else x.reshape(a, c, b)
     direct = x.dtype == dtype
     vc = v if direct else v.astype(dtype)  # BLAS has no float16
@@ -455,9 +455,6 @@ def _column(v: Any, b: int) -> Any:
 def _flat(v: Any, c: int) -> Any:
     """A per-channel array (or None) as (C,)."""
     return v if v is None or v.ndim == 1 else v.reshape(c)
-
-
-_COMPUTE = {dtype: _cpu.compute_dtype(dtype) for dtype in _cpu.FLOATS}
 
 
 def _geometry(
