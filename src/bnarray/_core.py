@@ -579,10 +579,6 @@ def _context(
     sync: Synchronizer | None,
 ) -> BatchNormContext:
     xp, channel_shape = call.xp, call.channel_shape
-    if len(channel_shape) != 1 or call.fused is None:  # else (C,) already
-        mean, var, invstd = (
-            _reshape(a, channel_shape, xp) for a in (mean, var, invstd)
-        )
     # The fields of BatchNormContext(...) set directly: a frozen dataclass's
     # __init__ sets each through object.__setattr__, a tenth of a small step.
     ctx: BatchNormContext = object.__new__(BatchNormContext)
@@ -590,9 +586,9 @@ def _context(
         _NO_VARIANT,
         x=x,
         weight=weight,
-        mean=mean,
-        var=var,
-        invstd=invstd,
+        mean=_reshape(mean, channel_shape, xp),
+        var=_reshape(var, channel_shape, xp),
+        invstd=_reshape(invstd, channel_shape, xp),
         count=count,
         axis=call.kept,
         training=call.training,
