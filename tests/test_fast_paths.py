@@ -160,3 +160,48 @@ def test_every_float16_converts_and_rounds_like_numpy(numpy_kernels, scale):
     np.testing.assert_array_equal(
         y.view(np.uint16)[~nan], expected.view(np.uint16)[~nan]
     )
+
+
+@pytest.mark.parametrize("shape", [(7,), (300,), (3, 4)])
+@pytest.mark.parametrize(
+    ("running_dtype", "batch_dtype"),
+    [
+        (np.float32, np.float32),
+        (np.float64, np.float64),
+        (np.float16, np.float32),
+        (np.float32, np.float64),
+    ],
+)
+@pytest.mark.parametrize("factor", [0.0, 0.1, 1 / 3, 0.99, 1.0])
+@pytest.mark.parametrize("bessel", [1.0, 64 / 63, 2.0])
+def test_running_update_rounds_exactly_like_the_generic_path(
+    numpy_kernels, shape, running_dtype, batch_dtype, factor, bessel
+):
+    # Every value of the running statistics is the generic expression's, bit
+    # for bit: each Python float rounded to the dtype, no fused multiply-add.
+    rng = np.random.default_rng(2)
+    size = int(np.prod(shape))
+
+    def values(dtype):
+        v = rng.standard_normal(size) * 10.0 ** rng.integers(-30, 30, size)
+        v[:4] = [np.nan, np.inf, 5e-45, -0.0]
+        with np.errstate(over="ignore"):
+            a = v.astype(dtype).reshape(shape)
+        a.flags.writeable = False  # read, never written
+        return a
+
+    rm, rv = values(running_dtype), np.abs(values(running_dtype))
+    mean, var = values(batch_dtype), np.abs(values(batch_dtype))
+    kept = [a.copy() for a in (rm, rv, mean, var)]
+    with np.errstate(over="ignore", invalid="ignore"):
+        got = numpy_kernels.running_update(
+            rm, rv, mean, var, factor=factor, bessel=bessel, xp=np_compat
+        )
+        expected = _math.running_update(
+            rm, rv, mean, var, factor=factor, bessel=bessel, xp=np_compat
+        )
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        np.testing.assert_array_equal(g.view(np.uint8), e.view(np.uint8))
+    for a, k in zip((rm, rv, mean, var), kept, strict=True):
+        np.testing.assert_array_equal(a, k)

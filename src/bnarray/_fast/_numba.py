@@ -26,12 +26,14 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+from .. import _math
 from .._compat import Array, Namespace
-from .._math import backward_scales, forward_scales, running_update
+from .._math import backward_scales, forward_scales
 from . import _cpu
 
-# The per-channel arithmetic (backward_scales, forward_scales, running_update)
-# has nothing to gain on the CPU: the generic one serves.
+# The per-channel arithmetic of forward_scales and backward_scales has nothing
+# to gain on the CPU: the generic one serves (the fused passes below do their
+# own). running_update has its own loop: see there.
 __all__ = [
     "backward_scales",
     "batch_stats",
@@ -846,3 +848,71 @@ def small_backward(
 def _bits3(a: np.ndarray) -> np.ndarray:
     """`a` as the small loops take it: float16 as its bits."""
     return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+# The running statistics: seven NumPy operations on per-channel arrays took
+# 2.7 µs, a tenth of a training step on 64×100 float32; one loop takes 1 µs.
+_UPDATE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+@numba.njit(nogil=True, cache=True)
+def _running_update(
+    running_mean: Any, running_var: Any, mean: Any, var: Any, factor: Any, bessel: Any
+) -> tuple[Any, Any]:
+    """:func:`bnarray._math.running_update` of 1-D arrays of one dtype, with
+    its roundings: each Python float rounded to the dtype, no fused
+    multiply-add."""
+    one = running_mean.dtype.type
+    keep, weight, unbias = one(1.0 - factor), one(factor), one(bessel)
+    new_mean = np.empty_like(running_mean)
+    new_var = np.empty_like(running_var)
+    for i in range(running_mean.shape[0]):
+        new_mean[i] = keep * running_mean[i] + weight * mean[i]
+        new_var[i] = keep * running_var[i] + weight * (var[i] * unbias)
+    return new_mean, new_var
+
+
+def running_update(
+    running_mean: Array,
+    running_var: Array,
+    mean: Array,
+    var: Array,
+    *,
+    factor: float,
+    bessel: float,
+    xp: Namespace,
+) -> tuple[Array, Array]:
+    """See :func:`bnarray._math.running_update`, bit for bit: one loop where
+    the four arrays are NumPy arrays of one shape and one dtype, float32 or
+    float64, and `bessel` a Python float (a masked forward's is an array);
+    else the generic arithmetic."""
+    dtype, shape = running_mean.dtype, running_mean.shape
+    if not (
+        type(bessel) is float
+        and dtype in _UPDATE_DTYPES
+        and running_var.dtype == dtype
+        and mean.dtype == dtype
+        and var.dtype == dtype
+        and type(running_mean) is type(running_var) is np.ndarray
+        and type(mean) is type(var) is np.ndarray
+        and running_var.shape == mean.shape == var.shape == shape
+    ):
+        return _math.running_update(
+            running_mean,
+            running_var,
+            mean,
+            var,
+            factor=factor,
+            bessel=bessel,
+            xp=xp,
+        )
+    if len(shape) != 1:
+        running_mean, running_var, mean, var = (
+            a.reshape(-1) for a in (running_mean, running_var, mean, var)
+        )
+    new_mean, new_var = _running_update(
+        running_mean, running_var, mean, var, factor, bessel
+    )
+    if len(shape) != 1:
+        return new_mean.reshape(shape), new_var.reshape(shape)
+    return new_mean, new_var
