@@ -803,8 +803,8 @@ def small_forward(
     stats = np.empty((3, x3.shape[1]), dtype=dtype)
     _small_forward(
         _bits3(x3),
-        None if gamma is None else gamma.reshape(-1),
-        None if beta is None else beta.reshape(-1),
+        _flat(gamma),
+        _flat(beta),
         dtype.type(eps),
         _bits3(y.reshape(x3.shape)),
         stats,
@@ -835,9 +835,9 @@ def small_backward(
     _small_backward(
         _bits3(dy.reshape(x3.shape)),
         _bits3(x3),
-        mean.reshape(-1),
-        invstd.reshape(-1),
-        None if gamma is None else gamma.reshape(-1),
+        _flat(mean),
+        _flat(invstd),
+        _flat(gamma),
         dtype.type(count),
         _bits3(dx.reshape(x3.shape)),
         grads,
@@ -848,6 +848,11 @@ def small_backward(
 def _bits3(a: np.ndarray) -> np.ndarray:
     """`a` as the small loops take it: float16 as its bits."""
     return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+def _flat(v: np.ndarray | None) -> np.ndarray | None:
+    """A per-channel array (or None) as the small loops take it: 1-D."""
+    return v if v is None or v.ndim == 1 else v.reshape(-1)
 
 
 # The running statistics: seven NumPy operations on per-channel arrays took
