@@ -301,6 +301,49 @@ def test_reuse_buffers_takes_new_arrays_for_new_shapes_and_overlaps():
     assert dx_again is not dx
 
 
+def test_reuse_buffers_takes_new_arrays_for_kept_ones_the_caller_changed():
+    # The kept arrays are the caller's too: one made read-only, or reshaped
+    # in place, is left as it is and a new array takes the results.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 3))
+    dy = rng.normal(size=(5, 3))
+    layer = bn.BatchNorm(3, reuse_buffers=True)
+    plain = bn.BatchNorm(3)
+    y, dx = layer(x), layer.backward(dy)
+    plain(x), plain.backward(dy)
+    y.flags.writeable = False
+    dx.shape = (15,)
+    frozen, flat = y.copy(), dx.copy()
+    y_next, dx_next = layer(x), layer.backward(dy)
+    assert y_next is not y and dx_next is not dx
+    assert_bitwise(y_next, plain(x))
+    assert_bitwise(dx_next, plain.backward(dy))
+    assert_bitwise(y, frozen)
+    assert_bitwise(dx, flat)
+    assert layer(x) is y_next  # the new arrays are kept
+
+
+def test_the_layer_checks_its_kept_arrays_once_per_call(monkeypatch):
+    # The layer checks the arrays it passes as `out` itself; the core takes
+    # them without checking them again (the public functions check theirs).
+    import bnarray._core
+
+    def refuse(*args, **kwargs):
+        msg = "the layer's kept array was checked twice"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(bnarray._core, "check_out", refuse)
+    rng = np.random.default_rng(0)
+    layer = bn.BatchNorm(3, reuse_buffers=True)
+    plain = bn.BatchNorm(3)
+    for _ in range(3):
+        x, dy = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+        assert_bitwise(layer(x), plain(x))
+        assert_bitwise(layer.backward(dy), plain.backward(dy))
+    with pytest.raises(AssertionError, match="checked twice"):
+        bn.batch_norm_forward(x, out=np.empty_like(x))
+
+
 def test_reuse_buffers_leaves_the_state_unchanged_on_a_bad_input():
     layer = bn.BatchNorm(3, reuse_buffers=True)
     rng = np.random.default_rng(0)

@@ -340,6 +340,45 @@ def batch_norm_forward(
     >>> y is buffer
     True
     """
+    return _checked_forward(
+        x,
+        weight,
+        bias,
+        axis,
+        eps,
+        training,
+        running_mean,
+        running_var,
+        sync,
+        renorm,
+        ghost_batch_size,
+        batch_axis,
+        mask,
+        out,
+        True,
+    )
+
+
+def _checked_forward(
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    axis: int | tuple[int, ...],
+    eps: float,
+    training: bool,
+    running_mean: Array | None,
+    running_var: Array | None,
+    sync: Synchronizer | None,
+    renorm: Renorm | None,
+    ghost_batch_size: int | None,
+    batch_axis: int,
+    mask: Array | None,
+    out: Array | None,
+    check_out_array: bool,
+) -> tuple[Array, BatchNormContext]:
+    """:func:`batch_norm_forward`; without `check_out_array`, `out` is an
+    array its caller has checked as :func:`check_out` does (the layer's
+    kept outputs: see :func:`bnarray._layer._buffer`)."""
     # A synchronizer, and a mask's count of True values, are checked on every
     # call: such calls keep no plan.
     call, cached = plan_for(
@@ -379,7 +418,7 @@ def batch_norm_forward(
     )
     if cached and not call.one_device:
         _same_device(x, weight, bias, running_mean, running_var, None)
-    if out is not None:
+    if out is not None and check_out_array:
         inputs = {
             "x": x,
             "weight": weight,
@@ -692,6 +731,14 @@ def batch_norm_backward(
     >>> dbias
     array([3.])
     """
+    return _checked_backward(dy, ctx, out, True)
+
+
+def _checked_backward(
+    dy: Array, ctx: BatchNormContext, out: Array | None, check_out_array: bool
+) -> tuple[Array, Array, Array]:
+    """:func:`batch_norm_backward`; without `check_out_array`, as
+    :func:`_checked_forward`."""
     ctx = _check_ctx(ctx)
     x = ctx.x
     variant = _variants.variant_of(ctx) if ctx.training else None
@@ -713,7 +760,7 @@ def batch_norm_backward(
     )
     if cached and not call.one_device:
         namespace_of({"dy": dy, "x": x})
-    if out is not None:
+    if out is not None and check_out_array:
         inputs = {
             "dy": dy,
             "ctx.x": x,

@@ -23,8 +23,8 @@ from ._compat import (
 )
 from ._core import (
     BatchNormContext,
-    batch_norm_backward,
-    batch_norm_forward,
+    _checked_backward,
+    _checked_forward,
     update_running_stats,
 )
 from ._distributed import check_sync
@@ -209,7 +209,10 @@ class BatchNorm:
         :meth:`backward`): copy it to keep it. A call whose input has
         another shape or dtype than the kept array, or shares memory with it
         (the layer's own previous output passed back in, say), gets a new
-        one, which is then kept.
+        one, which is then kept; so does a call after the caller made the
+        kept array read-only or reshaped it in place. The layer checks the
+        kept array as `out` is checked, once: on small arrays a call costs
+        a few µs more than without it (see :doc:`/benchmarks`).
 
     Attributes
     ----------
@@ -531,21 +534,23 @@ class BatchNorm:
             }
             out = _buffer(self._y_buffer, x, inputs)
         try:
-            y, ctx = batch_norm_forward(
+            # `out` is None or a checked array of `_buffer`.
+            y, ctx = _checked_forward(
                 x,
                 self.weight,
                 self.bias,
-                axis=self.axis,
-                eps=self.eps,
-                training=use_batch_stats,
-                running_mean=running_mean,
-                running_var=running_var,
-                sync=sync,
-                renorm=self.renorm,
-                ghost_batch_size=self.ghost_batch_size,
-                batch_axis=self.batch_axis,
-                mask=mask,
-                out=out,
+                self.axis,
+                self.eps,
+                use_batch_stats,
+                running_mean,
+                running_var,
+                sync,
+                self.renorm,
+                self.ghost_batch_size,
+                self.batch_axis,
+                mask,
+                out,
+                False,
             )
         except (TypeError, ValueError):
             # The forward also compares `x` with the layer's arrays; the layer's
@@ -616,7 +621,7 @@ class BatchNorm:
                 "ctx.invstd": ctx.invstd,
             }
             out = _buffer(self._dx_buffer, dy, inputs)
-        dx, dweight, dbias = batch_norm_backward(dy, self._ctx, out=out)
+        dx, dweight, dbias = _checked_backward(dy, self._ctx, out, False)
         if out is not None:
             self._dx_buffer = out
         if self.affine:
@@ -886,15 +891,20 @@ def _buffer(
     kept: Array | None, like: Array, inputs: dict[str, Array | None]
 ) -> Array | None:
     """The array for a result of `like`'s shape and dtype: `kept` where it
-    fits and overlaps none of `inputs`, else a new one; None where `like`
-    is not a NumPy or CuPy array (the call then says what is wrong with it)."""
+    still passes every check of :func:`bnarray._validation.check_out` (the
+    caller may have reshaped it in place, made it read-only or passed it back
+    as an input), else a new one; None where `like` is not a NumPy or CuPy
+    array (the call then says what is wrong with it). The core takes the
+    array without checking it again."""
     if not (writes_out(like) and hasattr(like, "shape")):
         return None
     if (
         kept is not None
-        and (library := library_name(like)) == library_name(kept)
         and kept.shape == like.shape
         and kept.dtype == like.dtype
+        and (library := library_name(like)) == library_name(kept)
+        and kept.flags.c_contiguous
+        and getattr(kept.flags, "writeable", True)  # CuPy's flags have none
         and (library == "numpy" or device(kept) == device(like))  # NumPy has one
         and overlapping(kept, inputs) is None
     ):
