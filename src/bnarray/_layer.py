@@ -210,7 +210,7 @@ class BatchNorm:
         another shape or dtype than the kept array, or shares memory with it
         (the layer's own previous output passed back in, say), gets a new
         one, which is then kept; so does a call after the caller made the
-        kept array read-only or reshaped it in place. The layer checks the
+        kept array read-only. The layer checks the
         kept array as `out` is checked, once: on small arrays a call costs
         a few µs more than without it (see :doc:`/benchmarks`).
 
