@@ -35,11 +35,11 @@ from ._validation import (
     check_eps,
     check_integer,
     check_momentum,
+    check_out,
     check_x,
     library_name,
     namespace_of,
     normalize_axis,
-    overlapping,
     writes_out,
 )
 from ._variants import Renorm
@@ -210,9 +210,9 @@ class BatchNorm:
         another shape or dtype than the kept array, or shares memory with it
         (the layer's own previous output passed back in, say), gets a new
         one, which is then kept; so does a call after the caller made the
-        kept array read-only. The layer checks the
-        kept array as `out` is checked, once: on small arrays a call costs
-        a few µs more than without it (see :doc:`/benchmarks`).
+        kept array read-only. The layer checks the kept array as `out` is
+        checked, once: on small arrays a call costs a few µs more than
+        without it (see :doc:`/benchmarks`).
 
     Attributes
     ----------
@@ -891,24 +891,20 @@ def _buffer(
     kept: Array | None, like: Array, inputs: dict[str, Array | None]
 ) -> Array | None:
     """The array for a result of `like`'s shape and dtype: `kept` where it
-    still passes every check of :func:`bnarray._validation.check_out` (the
-    caller may have reshaped it in place, made it read-only or passed it back
-    as an input), else a new one; None where `like` is not a NumPy or CuPy
-    array (the call then says what is wrong with it). The core takes the
-    array without checking it again."""
+    still passes :func:`bnarray._validation.check_out` (the caller may have
+    reshaped it in place, made it read-only or passed it back as an input),
+    else a new one; None where `like` is not a NumPy or CuPy array (the call
+    then says what is wrong with it). The core takes the array without
+    checking it again."""
     if not (writes_out(like) and hasattr(like, "shape")):
         return None
-    if (
-        kept is not None
-        and kept.shape == like.shape
-        and kept.dtype == like.dtype
-        and (library := library_name(like)) == library_name(kept)
-        and kept.flags.c_contiguous
-        and getattr(kept.flags, "writeable", True)  # CuPy's flags have none
-        and (library == "numpy" or device(kept) == device(like))  # NumPy has one
-        and overlapping(kept, inputs) is None
-    ):
-        return kept
+    if kept is not None:
+        try:
+            check_out(kept, like, inputs)
+        except (TypeError, ValueError):
+            pass  # a new array takes the results
+        else:
+            return kept
     xp = array_namespace(like)
     return xp.empty(like.shape, dtype=like.dtype, device=device(like))
 
